@@ -1,0 +1,1 @@
+"""Dataset families, one module each (installed as `mlrun.datasets`)."""

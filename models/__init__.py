@@ -1,0 +1,1 @@
+"""One module per paper (installed as `mlrun.models`)."""

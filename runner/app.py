@@ -1,0 +1,275 @@
+"""One run, from a composed config to its records. Used by the CLI, the Python API and DDP workers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mlrun import claims as claims_mod
+from mlrun.errors import ConfigError
+from mlrun.records import RESULTS, config_digest, git_commit, machine, read_json, versions, write_json
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("mlrun")
+
+FINAL = ("completed",)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def select_device(hw: Any) -> Any:
+    import torch
+
+    want = hw.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"hardware asks for CUDA but this machine has none (torch {torch.__version__}, "
+            "torch.cuda.is_available() is False); use hardware=cpu"
+        )
+    if want not in ("cpu",) and not want.startswith("cuda") and want != "mps":
+        raise ConfigError(f"hardware.device={hw.device!r}: expected cpu, cuda, cuda:N, mps or auto")
+    return torch.device(want)
+
+
+def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The run dir to continue from: the one named, or for `auto` the newest unfinished run of this config."""
+    if not cfg.resume:
+        return None
+    if cfg.resume != "auto":
+        src = Path(cfg.resume).expanduser()
+        if not (src / "checkpoints").is_dir() and src.suffix == ".pt":
+            return src
+        if not (src / "checkpoints" / "last.pt").exists():
+            raise ConfigError(f"resume={cfg.resume}: no checkpoints/last.pt there")
+        return src
+    digest = _digest(cfg)
+    root = run_dir.parent
+    while root.parent != root and root.name not in ("outputs", "multirun"):
+        root = root.parent
+    candidates = []
+    for ckpt in root.rglob("checkpoints/last.pt"):
+        d = ckpt.parent.parent
+        if d.resolve() == run_dir.resolve():
+            continue
+        try:
+            res = read_json(d / RESULTS)
+        except (OSError, ValueError):
+            continue
+        if res.get("config_digest") == digest and res.get("status") not in FINAL and not res.get("resumed_by"):
+            candidates.append((ckpt.stat().st_mtime, d))
+    if not candidates:
+        log.info("resume=auto: no unfinished run of this config under %s; starting fresh", root)
+        return None
+    return max(candidates)[1]
+
+
+def _digest(cfg: DictConfig) -> str:
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for k in ("resume", "eval_only", "logger", "debug"):
+        c.pop(k, None)
+    c.get("trainer", {}).pop("progress", None)
+    return config_digest(c)
+
+
+def stages_of(cfg: DictConfig) -> list[dict[str, Any]]:
+    if cfg.stages:
+        return [dict(OmegaConf.to_container(s, resolve=True)) for s in cfg.stages]
+    return [{"name": "train"}]
+
+
+def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False) -> dict[str, Any]:
+    """Train (or evaluate) one experiment into run_dir and return its results.json content."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.hardware.nproc_per_node * cfg.hardware.nnodes > 1 and not worker:
+        return _launch_ddp(cfg, run_dir)
+
+    import torch
+    from hydra.utils import instantiate
+    from mlrun import distributed
+    from mlrun.loggers import Loggers, redact
+    from mlrun.progress import Progress
+    from mlrun.trainer import CheckpointError, Interrupted, NonFiniteLoss, Trainer, seed_everything
+
+    t0 = time.perf_counter()
+    device = select_device(cfg.hardware)
+    dist = distributed.init_process_group(str(device), cfg.hardware.backend) if worker else distributed.current()
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
+    if cfg.hardware.threads:
+        torch.set_num_threads(int(cfg.hardware.threads))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    results: dict[str, Any] = {
+        "experiment": cfg.experiment_name, "label": cfg.label, "seed": cfg.seed, "scale": cfg.scale,
+        "status": "running", "started_at": _now(), "run_dir": str(run_dir),
+        "config_digest": _digest(cfg), "git_commit": git_commit(), "versions": versions(),
+        "device": _device_name(device), "world_size": dist.world, "machine": machine(),
+        "paper": container.get("paper") or {}, "metrics": {}, "claims": [],
+    }
+    resume_dir = find_resume(cfg, run_dir)
+    ckpt_state = None
+    if resume_dir is not None:
+        ckpt_path = resume_dir if resume_dir.suffix == ".pt" else resume_dir / "checkpoints" / (
+            "best.pt" if cfg.eval_only and cfg.trainer.monitor and (resume_dir / "checkpoints/best.pt").exists()
+            else "last.pt")
+        ckpt_state = Trainer.load_checkpoint(ckpt_path)
+        results["resumed_from"] = str(resume_dir)
+        log.info("resuming from %s (global step %d)", ckpt_path, ckpt_state["position"]["global_step"])
+
+    if dist.is_main:
+        write_json(run_dir / RESULTS, results)
+        _copy_history(resume_dir, run_dir, ckpt_state)
+        loggers = Loggers(run_dir, cfg.logger, redact(container),
+                          wandb_id=(ckpt_state or {}).get("wandb_id"),
+                          resume_step=ckpt_state["position"]["global_step"] if ckpt_state else None)
+    else:
+        loggers = Loggers.null()
+
+    seed_everything(int(cfg.seed) + 0, cfg.trainer.deterministic)
+    data = instantiate(cfg.dataset, _convert_="object")
+    task = instantiate(cfg.model, _convert_="object")
+    trainer = Trainer(cfg.trainer, device, run_dir, loggers, int(cfg.seed), dist, wandb_id=loggers.wandb_id)
+    trainer.install_signal_handlers()
+    progress = Progress(cfg.trainer.progress, enabled=dist.is_main)
+    failed = False
+    code = 0
+    try:
+        if ckpt_state is not None:
+            Trainer.restore_model(task, ckpt_state, resume_dir)
+        if cfg.eval_only:
+            if ckpt_state is None:
+                raise ConfigError("eval_only=true needs resume=<run dir or checkpoint>")
+            task.to(device)
+            stage_list = stages_of(cfg)
+            task.on_stage_start(stage_list[-1].get("name", "train"), data)
+            task.to(device)
+            trainer.cfg = trainer.base_cfg
+            metrics = trainer.evaluate(task, data, "val", None, cfg.trainer)
+        else:
+            metrics = trainer.fit(task, data, stages_of(cfg), resume=ckpt_state, progress=progress)
+            if cfg.trainer.monitor and (run_dir / "checkpoints" / "best.pt").exists():
+                best = Trainer.load_checkpoint(run_dir / "checkpoints" / "best.pt")
+                task.load_state_dict(best["model"])
+                task.load_extra_state(best.get("extra", {}))
+                results["best"] = trainer.best
+        metrics = dict(metrics)
+        metrics.update(trainer.evaluate(task, data, "test", None, cfg.trainer))
+        results["metrics"] = metrics
+        results["steps"] = trainer.global_step
+        if trainer.nonfinite_skipped:
+            results["nonfinite_skipped"] = trainer.nonfinite_skipped
+        if dist.is_main:
+            figs = task.figures(run_dir / "figures", data) or []
+            results["figures"] = [str(Path(f).relative_to(run_dir)) for f in figs]
+            loggers.log_figures(figs)
+        results["claims"] = claims_mod.evaluate(list(container.get("claims") or []), metrics)
+        results["status"] = "completed"
+    except Interrupted as e:
+        results.update(status="interrupted", error=str(e))
+        failed, code = True, 130
+    except (NonFiniteLoss, CheckpointError) as e:
+        results.update(status="failed", error=str(e))
+        failed, code = True, 1
+    except BaseException as e:
+        results.update(status="failed", error=f"{type(e).__name__}: {e}")
+        failed = True
+        _finish(results, run_dir, t0, loggers, dist, failed, resume_dir)
+        raise
+    _finish(results, run_dir, t0, loggers, dist, failed, resume_dir)
+    if code:
+        raise RunFailed(results["error"], code, results)
+    return results
+
+
+class RunFailed(RuntimeError):
+    def __init__(self, message: str, code: int, results: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.code = code
+        self.results = results
+
+
+def _finish(results: dict, run_dir: Path, t0: float, loggers: Any, dist: Any, failed: bool,
+            resume_dir: Path | None) -> None:
+    results["wall_time_s"] = round(time.perf_counter() - t0, 2)
+    results["finished_at"] = _now()
+    if not dist.is_main:
+        return
+    summary = {k: v for k, v in results.get("metrics", {}).items()}
+    summary["status"] = results["status"]
+    try:
+        loggers.finish(summary, failed=failed)
+    finally:
+        write_json(run_dir / RESULTS, results)
+        if resume_dir is not None and resume_dir.is_dir() and (resume_dir / RESULTS).exists():
+            try:
+                old = read_json(resume_dir / RESULTS)
+                old["resumed_by"] = str(run_dir)
+                write_json(resume_dir / RESULTS, old)
+            except (OSError, ValueError):
+                pass
+    held = claims_mod.summary_line(results.get("claims", []))
+    log.info("%s: %s in %.1fs; %s; records in %s", results["experiment"], results["status"],
+             results["wall_time_s"], held, run_dir)
+
+
+def _copy_history(resume_dir: Path | None, run_dir: Path, state: dict | None) -> None:
+    """A resumed run starts its metrics.jsonl with the old run's lines up to the checkpoint."""
+    if resume_dir is None or state is None or not resume_dir.is_dir() or resume_dir.resolve() == run_dir.resolve():
+        return
+    from mlrun.records import METRICS, read_metrics
+
+    step = state["position"]["global_step"]
+    rows = [r for r in read_metrics(resume_dir / METRICS) if r.get("global_step", r.get("step", 0)) <= step]
+    import json
+
+    from mlrun.records import write_atomic
+
+    write_atomic(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _device_name(device: Any) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _launch_ddp(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Compose once: save the resolved config, start the workers, read back rank 0's results."""
+    from mlrun import distributed
+    from mlrun.records import write_atomic
+
+    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / ".hydra" / "resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    nproc = int(cfg.hardware.nproc_per_node)
+    log.info("starting %d data-parallel workers (%d node(s)); records in %s", nproc, cfg.hardware.nnodes, run_dir)
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.hardware.threads or 1))
+    try:
+        distributed.launch(run_dir, nproc, cfg.hardware)
+    except Exception as e:  # noqa: BLE001 - ChildFailedError carries the worker's failure
+        res = _read_results(run_dir)
+        raise RunFailed(f"a worker failed: {res.get('error') or e}", 1, res) from None
+    res = _read_results(run_dir)
+    if res.get("status") != "completed":
+        raise RunFailed(res.get("error", "workers ended without results"), 1, res)
+    return res
+
+
+def _read_results(run_dir: Path) -> dict[str, Any]:
+    try:
+        return read_json(run_dir / RESULTS)
+    except (OSError, ValueError):
+        return {"status": "failed"}

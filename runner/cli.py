@@ -1,0 +1,161 @@
+"""`mlrun`: the Hydra app, plus the verbs `ls`, `report`, `validate` and `sync`.
+
+Nothing heavy is imported at module level, so `--help`, tab completion, listing and reporting start
+in well under a second; torch is imported only when a run starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("mlrun")
+
+_UID: str | None = None
+VERBS = ("ls", "report", "validate", "sync")
+
+
+def _uid() -> str:
+    """A per-process random suffix: two runs started in the same second never share a dir."""
+    global _UID
+    if _UID is None:
+        _UID = secrets.token_hex(3)
+    return _UID
+
+
+def setup() -> None:
+    """Register the schemas and resolvers; idempotent (the API and tests call it too)."""
+    from mlrun import schema
+    from omegaconf import OmegaConf
+
+    schema.register()
+    if not OmegaConf.has_resolver("mlrun_uid"):
+        OmegaConf.register_new_resolver("mlrun_uid", _uid)
+
+
+def experiments() -> list[str]:
+    return groups()["experiment"]
+
+
+def _job(cfg: Any) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    if OmegaConf.is_missing(cfg, "model") or OmegaConf.is_missing(cfg, "dataset"):
+        _fail("choose an experiment: mlrun experiment=NAME, one of: " + ", ".join(experiments()), multirun)
+        return None
+    from mlrun.app import RunFailed, run_experiment
+    from mlrun.errors import MlrunError
+    from mlrun.records import RecordError
+
+    run_dir = Path(hc.runtime.output_dir)
+    try:
+        results = run_experiment(cfg, run_dir)
+    except RunFailed as e:
+        _fail(f"{cfg.experiment_name}: {e.results.get('status', 'failed')}: {e}. Records in {run_dir}", multirun,
+              e.code)
+        return None
+    except (MlrunError, RecordError) as e:
+        _fail(f"{cfg.experiment_name}: {e}", multirun)
+        return None
+    if cfg.objective:
+        value = results["metrics"].get(cfg.objective)
+        if value is None:
+            _fail(f"objective {cfg.objective!r} is not among the metrics: {sorted(results['metrics'])}", multirun)
+        return float(value) if value is not None else float("nan")
+    return None
+
+
+def _fail(message: str, multirun: bool, code: int = 1) -> None:
+    """One line, no traceback. In a multirun the sweep goes on (the run's results.json says it failed)."""
+    print(f"mlrun: error: {message}", file=sys.stderr, flush=True)
+    if not multirun:
+        sys.exit(code)
+
+
+def _hydra_main() -> None:
+    import hydra
+
+    setup()
+    app = hydra.main(version_base=None, config_path="pkg://mlrun.conf", config_name="config")(_job)
+    app()
+
+
+HELP = """mlrun: reproduce landmark ML papers, each from one command.
+
+Usage:
+  mlrun experiment=NAME [group=option] [key=value ...]   run one experiment
+  mlrun -m experiment=NAME [key=a,b ...]                 run its study (the sweep it declares), or any sweep
+  mlrun ls                                               list the experiments
+  mlrun report [DIRS] [--format markdown|csv|json] [--out FILE]   gather results beside the papers' numbers
+  mlrun validate                                         compose and check every experiment and preset
+  mlrun sync [DIRS]                                      upload finished offline W&B runs
+
+Config groups (choose one with group=option):
+{groups}
+Common keys: seed=N  resume=<run dir>|auto  eval_only=true  trainer.max_steps=N  trainer.precision=bf16
+             hardware.nproc_per_node=N  logger.project=NAME  dataset.root=PATH
+
+Examples:
+  mlrun experiment=digits_classifier
+  mlrun -m experiment=groupnorm_digits hydra/launcher=local
+  mlrun experiment=realnvp_cifar hardware=gpu dataset.root=/data
+
+More: docs/usage.md. Hydra's own flags: mlrun --hydra-help. Full tracebacks: HYDRA_FULL_ERROR=1.
+"""
+
+
+def groups() -> dict[str, list[str]]:
+    """Config groups and options read off the shipped files (Hydra's own listing costs seconds)."""
+    from importlib.resources import files
+
+    root = files("mlrun.conf")
+    out = {}
+    for d in sorted(root.iterdir(), key=lambda p: p.name):
+        if d.is_dir() and d.name not in ("hydra", "__pycache__"):
+            out[d.name] = sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".yaml"))
+    return out
+
+
+def print_help() -> None:
+    text = "".join(f"  {g}: {', '.join(opts)}\n" for g, opts in groups().items())
+    print(HELP.format(groups=text))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv in (["--help"], ["-h"]):
+        print_help()
+        return
+    if argv and argv[0] in VERBS:
+        verb, rest = argv[0], argv[1:]
+        if verb == "ls":
+            from mlrun.report import ls_main
+
+            sys.exit(ls_main(rest))
+        if verb == "report":
+            from mlrun.report import report_main
+
+            sys.exit(report_main(rest))
+        if verb == "validate":
+            from mlrun.validate import validate_main
+
+            sys.exit(validate_main(rest))
+        if verb == "sync":
+            from mlrun.report import sync_main
+
+            sys.exit(sync_main(rest))
+    os.environ.setdefault("WANDB_SILENT", "true")
+    sys.argv = [sys.argv[0], *argv]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

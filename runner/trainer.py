@@ -1,0 +1,558 @@
+"""The one training loop. Every paper's loop runs here through the task protocol (`mlrun.task`).
+
+The trainer owns: device placement, AMP, gradient accumulation and clipping, gradient sync across
+ranks, LR schedules, evaluation cadence, best/last checkpoints with RNG states and data position,
+resume, the NaN/inf guard, SIGINT/SIGTERM, progress and metrics. Per-step Python is kept light: losses
+stay tensors and are synced to Python only at log points.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from mlrun import distributed
+from mlrun.loggers import Loggers
+from mlrun.progress import Progress
+from mlrun.task import DataModule, Task
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("mlrun")
+
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss or gradient became NaN/inf; the run stops and the last good checkpoint is kept."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT/SIGTERM: a checkpoint was written and the run can be resumed."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read or does not fit this model."""
+
+
+# ---------------------------------------------------------------------------------------------- seeding
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    state = np.random.get_state()
+    out = {
+        "python": random.getstate(),
+        "numpy": [state[0], torch.from_numpy(state[1].astype(np.int64)), state[2], state[3], state[4]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_tuplify(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), int(n[2]), int(n[3]), float(n[4])))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(x: Any) -> Any:
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Batches of indices from a permutation fixed by (seed, epoch), sharded by rank, startable mid-epoch.
+
+    Because the order depends only on (seed, epoch), a resumed run sees exactly the batches an
+    uninterrupted one would, without replaying the data.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1,
+                 drop_last: bool = True, limit_batches: int | None = None) -> None:
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world, self.drop_last, self.limit = rank, world, drop_last, limit_batches
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        self.epoch, self.start = epoch, start_batch
+
+    def _indices(self) -> list[int]:
+        if self.limit is not None:  # overfit: the same first batches every epoch
+            return list(range(min(self.n, self.limit * self.batch_size * self.world)))[self.rank :: self.world]
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        per_rank = math.ceil(self.n / self.world)
+        order += order[: per_rank * self.world - self.n]  # pad so every rank gets as many (as DistributedSampler)
+        return order[self.rank :: self.world]
+
+    def __len__(self) -> int:
+        local = len(self._indices()) if self.limit is not None else math.ceil(self.n / self.world)
+        return local // self.batch_size if self.drop_last else math.ceil(local / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        idx = self._indices()
+        for b in range(self.start, len(self)):
+            yield idx[b * self.batch_size : (b + 1) * self.batch_size]
+
+
+def move(batch: Any, device: torch.device) -> Any:
+    if device.type == "cpu":
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple) and not hasattr(batch, "_fields"):
+        return type(batch)(move(v, device) for v in batch)
+    if hasattr(batch, "to") and callable(batch.to):
+        return batch.to(device)
+    return batch
+
+
+def _first_item(items: list[Any]) -> Any:
+    return items[0]
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, device: torch.device, run_dir: Path, loggers: Loggers, seed: int,
+                 dist: distributed.DistInfo | None = None, wandb_id: str | None = None) -> None:
+        self.base_cfg = cfg
+        self.device = device
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.loggers = loggers
+        self.seed = seed
+        self.dist = dist or distributed.DistInfo()
+        self.wandb_id = wandb_id
+        self.global_step = 0
+        self.best: dict[str, Any] = {"value": None, "step": None}
+        self.results: dict[str, float] = {}
+        self._stop_signal: str | None = None
+        self._t0 = time.perf_counter()
+        self.nonfinite_skipped = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _loader(self, data: DataModule, split: str, stage: str | None, train: bool, cfg: DictConfig,
+                batch_size: int | None) -> torch.utils.data.DataLoader:
+        ds = data.dataset(split, stage)
+        batched = batch_size is None
+        bs = 1 if batched else batch_size
+        collate = _first_item if batched else data.collate
+        if train:
+            sampler = ResumableBatchSampler(
+                len(ds), bs, data.shuffle, self.seed, self.dist.rank, self.dist.world,
+                data.drop_last and not batched, cfg.overfit_batches,
+            )
+        else:
+            sampler = ResumableBatchSampler(len(ds), bs, False, 0, drop_last=False,
+                                            limit_batches=cfg.limit_eval_batches)
+        return torch.utils.data.DataLoader(
+            ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+            pin_memory=cfg.pin_memory and self.device.type == "cuda",
+            persistent_workers=cfg.num_workers > 0 and train,
+        )
+
+    def autocast(self, precision: str) -> contextlib.AbstractContextManager:
+        if precision in ("bf16", "bf16-mixed"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if precision in ("16", "16-mixed", "fp16"):
+            return torch.autocast(self.device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
+            self._stop_signal = signal.Signals(signum).name
+
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread
+                signal.signal(s, handler)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, task: Task, optimizers: dict, schedulers: dict, scaler: Any, position: dict,
+                        name: str = "last.pt") -> Path | None:
+        if not self.dist.is_main:
+            return None
+        from mlrun.records import write_atomic
+
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "task": type(task).__qualname__,
+            "model": task.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(),
+            "position": dict(position, global_step=self.global_step),
+            "best": self.best,
+            "results": self.results,
+            "wandb_id": self.wandb_id,
+            "extra": task.extra_state(),
+        }
+        import io
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        path = self.ckpt_dir / name
+        write_atomic(path, buf.getvalue())
+        keep = int(self.cfg.keep_last) if hasattr(self, "cfg") else 0
+        if name == "last.pt" and keep > 0:
+            step_path = self.ckpt_dir / f"step-{self.global_step:08d}.pt"
+            write_atomic(step_path, buf.getvalue())
+            olds = sorted(self.ckpt_dir.glob("step-*.pt"))
+            for old in olds[:-keep]:
+                old.unlink(missing_ok=True)
+        return path
+
+    @staticmethod
+    def load_checkpoint(path: Path) -> dict[str, Any]:
+        torch.serialization.add_safe_globals([Counter])
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint not found: {path}") from None
+        except Exception as e:  # noqa: BLE001 - truncated zip, pickle error, refused global...
+            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path} is not an mlrun checkpoint (format {CHECKPOINT_FORMAT})")
+        return state
+
+    @staticmethod
+    def restore_model(task: Task, state: dict[str, Any], path: Path) -> None:
+        if state.get("task") != type(task).__qualname__:
+            raise CheckpointError(f"{path} holds a {state.get('task')}, not a {type(task).__qualname__}")
+        own = task.state_dict()
+        theirs = state["model"]
+        missing = sorted(set(own) - set(theirs))
+        unexpected = sorted(set(theirs) - set(own))
+        shapes = [k for k in set(own) & set(theirs) if tuple(own[k].shape) != tuple(theirs[k].shape)]
+        if missing or unexpected or shapes:
+            parts = []
+            if missing:
+                parts.append(f"missing keys {missing[:5]}")
+            if unexpected:
+                parts.append(f"unexpected keys {unexpected[:5]}")
+            if shapes:
+                k = shapes[0]
+                parts.append(f"shape of {k}: checkpoint {tuple(theirs[k].shape)} vs model {tuple(own[k].shape)}")
+            raise CheckpointError(f"{path} does not fit this model: " + "; ".join(parts))
+        task.load_state_dict(theirs)
+        task.load_extra_state(state.get("extra", {}))
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, task: Task, data: DataModule, split: str, stage: str | None, cfg: DictConfig) -> dict:
+        try:
+            data.dataset(split, stage)
+        except KeyError:
+            return {}
+        loader = self._loader(data, split, stage, False, cfg, data.eval_batch_size)
+        was_training = task.training
+        task.eval()
+        # Evaluation never moves the training RNG, so evaluating more or less often changes nothing else.
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), self.autocast(cfg.precision):
+            metrics = task.evaluate(loader, split) or {}
+        task.train(was_training)
+        return {f"{split}/{k}": float(v) for k, v in metrics.items()}
+
+    def _improved(self, value: float, cfg: DictConfig) -> bool:
+        if self.best["value"] is None or math.isnan(self.best["value"]):
+            return not math.isnan(value)
+        return value > self.best["value"] if cfg.mode == "max" else value < self.best["value"]
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, task: Task, data: DataModule, stages: list[dict[str, Any]], resume: dict | None = None,
+            progress: Progress | None = None) -> dict[str, float]:
+        """Run every stage in order; return the final metrics (val of the last stage, then test)."""
+        progress = progress or Progress("none")
+        task.to(self.device)
+        task.train()
+        if resume is not None:
+            self.global_step = resume["position"]["global_step"]
+            self.best = resume.get("best") or self.best
+            self.results = dict(resume.get("results") or {})
+        start_stage = resume["position"]["stage_index"] if resume else 0
+        for index, spec in enumerate(stages):
+            if index < start_stage:
+                continue
+            here = resume if (resume is not None and index == start_stage) else None
+            self._fit_stage(task, data, index, spec, here, progress)
+        return self.results
+
+    def _stage_cfg(self, spec: dict[str, Any]) -> DictConfig:
+        overrides = {k: v for k, v in spec.items() if k not in ("name", "batch_size", "split")}
+        cfg = OmegaConf.merge(self.base_cfg, overrides)
+        return cfg
+
+    def _fit_stage(self, task: Task, data: DataModule, index: int, spec: dict[str, Any], resume: dict | None,
+                   progress: Progress) -> None:
+        name = spec.get("name", "train")
+        cfg = self.cfg = self._stage_cfg(spec)
+        task.on_stage_start(name, data)
+        task.to(self.device)
+        optimizers = task.configure_optimizers() or {}
+        schedulers = {}
+        if cfg.scheduler is not None:
+            from hydra.utils import instantiate
+
+            for k, opt in optimizers.items():
+                schedulers[k] = instantiate(cfg.scheduler)(opt)
+        scaler = None
+        if cfg.precision in ("16", "16-mixed", "fp16"):
+            scaler = torch.amp.GradScaler(self.device.type)
+
+        if self.dist.enabled:
+            distributed.broadcast_state(task)
+
+        split = spec.get("split", "train")
+        bs = spec.get("batch_size", data.batch_size)
+        loader = self._loader(data, split, name, True, cfg, bs)
+        sampler: ResumableBatchSampler = loader.batch_sampler
+        per_epoch = len(sampler)
+        if per_epoch == 0:
+            raise ValueError(
+                f"stage '{name}': the {split} split has {len(loader.dataset)} items, fewer than one batch of {bs}"
+            )
+        accumulate = max(int(cfg.accumulate), 1)
+        max_steps = int(cfg.max_epochs * per_epoch // accumulate) if cfg.max_epochs is not None else int(cfg.max_steps)
+
+        step, epoch, batch_in_epoch = 0, 0, 0
+        if resume is not None:
+            for k, opt in optimizers.items():
+                opt.load_state_dict(resume["optimizers"][k])
+            for k, s in schedulers.items():
+                s.load_state_dict(resume["schedulers"][k])
+            if scaler is not None and resume.get("scaler"):
+                scaler.load_state_dict(resume["scaler"])
+            pos = resume["position"]
+            step, epoch, batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
+            set_rng_state(resume["rng"])
+
+        params = {k: [p for g in o.param_groups for p in g["params"]] for k, o in optimizers.items()}
+        all_params = [p for p in task.parameters() if p.requires_grad]
+        others = {}
+        if len(optimizers) > 1:
+            for k, ps in params.items():
+                mine = {id(p) for p in ps}
+                others[k] = [p for p in all_params if id(p) not in mine]
+
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        position = {"stage_index": index, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+
+        def save(name_: str = "last.pt") -> None:
+            position.update(stage_index=index, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
+            self.save_checkpoint(task, optimizers, schedulers, scaler, position, name_)
+
+        progress.start(name, max_steps, step)
+        profiler = self._profiler(cfg)
+        anomaly = torch.autograd.detect_anomaly() if cfg.detect_anomaly else contextlib.nullcontext()
+        micro = 0
+        stop_early = False
+        with anomaly:
+            while step < max_steps and not stop_early:
+                if batch_in_epoch >= per_epoch:
+                    epoch, batch_in_epoch = epoch + 1, 0
+                sampler.set_position(epoch, batch_in_epoch)
+                for batch in loader:
+                    batch_in_epoch += 1
+                    micro += 1
+                    boundary = micro % accumulate == 0
+                    batch = move(batch, self.device)
+                    self._step(task, batch, cfg, optimizers, params, others, scaler, accumulate, boundary, sums,
+                               counts, step)
+                    if not boundary:
+                        continue
+                    for s in schedulers.values():
+                        s.step()
+                    step += 1
+                    self.global_step += 1
+                    if profiler is not None:
+                        profiler.step()
+                    done = step >= max_steps
+                    if cfg.log_every and (step % cfg.log_every == 0 or done):
+                        self._log(sums, counts, optimizers, name, step, epoch, progress)
+                    if cfg.eval_every and step % cfg.eval_every == 0 and not done:
+                        stop_early = self._eval_and_track(task, data, name, cfg, step, epoch, save)
+                    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not done:
+                        save()
+                    stop_now = self._stop_signal is not None
+                    if self.dist.enabled and step % max(int(cfg.log_every), 1) == 0:
+                        stop_now = not distributed.all_agree(not stop_now)  # every rank stops at the same step
+                    if stop_now:
+                        save()
+                        self.loggers.flush()
+                        raise Interrupted(f"{self._stop_signal or 'stop'} at step {step}: checkpoint saved")
+                    if done or stop_early:
+                        break
+        if profiler is not None:
+            self._finish_profiler(profiler)
+        progress.close()
+        self._eval_and_track(task, data, name, cfg, step, epoch, save, final=True)
+        position.update(stage_index=index + 1, step=0, epoch=0, batch_in_epoch=0)
+        self.save_checkpoint(task, optimizers, schedulers, scaler, position)
+
+    def _step(self, task: Task, batch: Any, cfg: DictConfig, optimizers: dict, params: dict, others: dict,
+              scaler: Any, accumulate: int, boundary: bool, sums: dict, counts: dict, step: int) -> bool:
+        gen = task.training_step(batch)
+        ok = True
+        while True:
+            with self.autocast(cfg.precision):
+                try:
+                    opt_name, loss = next(gen)
+                except StopIteration:
+                    break
+            if loss is not None:
+                detached = loss.detach().float()
+                key = f"{opt_name}_loss"
+                if key in sums:
+                    sums[key] += detached
+                    counts[key] += 1
+                else:
+                    sums[key], counts[key] = detached.clone(), 1
+                if loss.requires_grad:
+                    held = others.get(opt_name, [])
+                    saved = [p.grad for p in held]
+                    for p in held:
+                        p.grad = None
+                    (scaler.scale(loss / accumulate) if scaler else loss / accumulate).backward()
+                    for p, g in zip(held, saved):
+                        p.grad = g
+            if boundary and opt_name in optimizers:
+                ok = self._optimizer_step(opt_name, optimizers[opt_name], params[opt_name], cfg, scaler, loss,
+                                          step) and ok
+        for k, v in getattr(task, "_step_logs", {}).items():
+            v = v.detach().float()
+            if k in sums:
+                sums[k] += v
+                counts[k] += 1
+            else:
+                sums[k], counts[k] = v.clone(), 1
+        if hasattr(task, "_step_logs"):
+            task._step_logs.clear()
+        if boundary and scaler is not None:
+            scaler.update()
+        return ok
+
+    def _optimizer_step(self, name: str, opt: torch.optim.Optimizer, params: list, cfg: DictConfig, scaler: Any,
+                        loss: torch.Tensor | None, step: int) -> bool:
+        if self.dist.enabled:
+            distributed.average_gradients(params)
+        if scaler is not None:
+            scaler.unscale_(opt)
+        grads = [p.grad for p in params if p.grad is not None]
+        if cfg.clip_grad_norm is not None and grads:
+            norm = torch.nn.utils.clip_grad_norm_(params, float(cfg.clip_grad_norm))
+        elif grads and scaler is None:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        else:
+            norm = torch.zeros(())
+        if scaler is None:
+            finite = torch.isfinite(norm)
+            if loss is not None:
+                finite = finite & torch.isfinite(loss.detach()).all()
+            if not bool(finite):
+                value = float(loss.detach().float().mean()) if loss is not None else float("nan")
+                if cfg.on_nan == "skip":
+                    self.nonfinite_skipped += 1
+                    opt.zero_grad(set_to_none=True)
+                    return False
+                raise NonFiniteLoss(
+                    f"non-finite {'loss' if loss is not None and not math.isfinite(value) else 'gradient'} "
+                    f"for optimizer '{name}' at step {step + 1} (loss={value}); the last good checkpoint is kept. "
+                    "Set trainer.on_nan=skip to drop such steps instead."
+                )
+            opt.step()
+        else:
+            scaler.step(opt)
+        opt.zero_grad(set_to_none=True)
+        return True
+
+    def _log(self, sums: dict, counts: dict, optimizers: dict, stage: str, step: int, epoch: int,
+             progress: Progress) -> None:
+        values = {k: float(v) / counts[k] for k, v in sums.items()}  # the one sync per log interval
+        sums.clear()
+        counts.clear()
+        record: dict[str, Any] = {"stage": stage, "step": step, "global_step": self.global_step, "epoch": epoch,
+                                  "time": round(time.perf_counter() - self._t0, 3)}
+        record.update({f"train/{k}": v for k, v in values.items()})
+        for k, o in optimizers.items():
+            record[f"lr/{k}"] = o.param_groups[0]["lr"]
+        if self.dist.is_main:
+            self.loggers.log(record)
+        progress.update(step, {k: v for k, v in values.items()})
+
+    def _eval_and_track(self, task: Task, data: DataModule, stage: str, cfg: DictConfig, step: int, epoch: int,
+                        save: Any, final: bool = False) -> bool:
+        metrics = self.evaluate(task, data, "val", stage, cfg)
+        if not metrics:
+            return False
+        record = {"stage": stage, "step": step, "global_step": self.global_step, "epoch": epoch,
+                  "time": round(time.perf_counter() - self._t0, 3), **metrics}
+        if self.dist.is_main:
+            self.loggers.log(record)
+        self.results.update(metrics)
+        if cfg.monitor and cfg.monitor in metrics:
+            value = metrics[cfg.monitor]
+            if self._improved(value, cfg):
+                self.best = {"value": value, "step": self.global_step, "stage": stage}
+                self._bad_evals = 0
+                save("best.pt")
+            else:
+                self._bad_evals = getattr(self, "_bad_evals", 0) + 1
+                if cfg.patience is not None and self._bad_evals >= cfg.patience and not final:
+                    log.info("early stop: %s did not improve for %d evaluations", cfg.monitor, self._bad_evals)
+                    return True
+        return False
+
+    # ------------------------------------------------------------------ profiling
+    def _profiler(self, cfg: DictConfig) -> Any:
+        if not cfg.profile_steps:
+            return None
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        prof = profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=int(cfg.profile_steps)),
+                       record_shapes=False)
+        prof.start()
+        return prof
+
+    def _finish_profiler(self, prof: Any) -> None:
+        prof.stop()
+        out = self.run_dir / "profile"
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            prof.export_chrome_trace(str(out / "trace.json"))
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        except (RuntimeError, AssertionError) as e:  # too few steps for the schedule
+            log.warning("profiler recorded nothing (%s); run more steps than profile_steps + 2", e)
+            return
+        (out / "top_ops.txt").write_text(table)
+        log.info("profile: %s\n%s", out / "trace.json", table)
