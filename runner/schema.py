@@ -110,6 +110,10 @@ class MlrunConf:
     debug: Any = field(default_factory=dict)
     scale: str = "cpu"
     """cpu (a miniature on packaged data) or paper (the paper's dataset and settings)."""
+    smoke: Any = None
+    """How CI smoke-runs this experiment in seconds: {overrides: [...], fixture: dotted.path.to.writer}.
+    The fixture writer gets a folder, writes a tiny dataset there in the real format, and the smoke run
+    gets `dataset.root=<that folder>`."""
 
 
 def register() -> None:

@@ -114,7 +114,10 @@ class StudyCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():
             return
-        study = gather(sweep_dir, config.get("study"), config.get("experiment_name", ""), config.get("paper"))
+        from omegaconf import OmegaConf
+
+        paper = OmegaConf.to_container(config.paper, resolve=True) if config.get("paper") else {}
+        study = gather(sweep_dir, config.get("study"), config.get("experiment_name", ""), paper)
         n = len(study["runs"])
         ok = sum(r["status"] == "completed" for r in study["runs"])
         log.info("study %s: %d/%d runs completed; %s; %s", study["experiment"], ok, n,
