@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from mlrun.task import DataModule
 from torch.utils.data import TensorDataset
+
+from mlrun.task import DataModule
 
 
 @cache

@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from mlrun.task import Task
 from torch import Tensor, nn
+
+from mlrun.task import Task
 
 
 class Classifier(Task):

@@ -22,6 +22,7 @@ def compose(experiment: str | None = None, overrides: list[str] | None = None) -
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
+
     from mlrun.cli import setup
 
     setup()
@@ -39,9 +40,10 @@ def run(experiment: Any, overrides: list[str] | None = None, run_dir: str | Path
 
     `experiment` is a name or a config from `compose`. The run dir defaults to outputs/api/<time>_<id>_<name>.
     """
+    from omegaconf import OmegaConf
+
     from mlrun.app import run_experiment
     from mlrun.records import write_atomic
-    from omegaconf import OmegaConf
 
     cfg = compose(experiment, overrides) if isinstance(experiment, str) else experiment
     if run_dir is None:

@@ -9,10 +9,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from mlrun import claims as claims_mod
 from mlrun.errors import ConfigError
 from mlrun.records import RESULTS, config_digest, git_commit, machine, read_json, versions, write_json
-from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("mlrun")
 
@@ -94,6 +95,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False) -> dict
 
     import torch
     from hydra.utils import instantiate
+
     from mlrun import distributed
     from mlrun.loggers import Loggers, redact
     from mlrun.progress import Progress

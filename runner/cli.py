@@ -29,8 +29,9 @@ def _uid() -> str:
 
 def setup() -> None:
     """Register the schemas and resolvers; idempotent (the API and tests call it too)."""
-    from mlrun import schema
     from omegaconf import OmegaConf
+
+    from mlrun import schema
 
     schema.register()
     if not OmegaConf.has_resolver("mlrun_uid"):

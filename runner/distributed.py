@@ -116,8 +116,9 @@ def launch(run_dir: Path, nproc: int, hw: Any) -> None:
 
 def worker_entry(run_dir: str) -> None:
     """One rank: load the config composed by the launching process, and run."""
-    from mlrun.app import run_experiment
     from omegaconf import OmegaConf
+
+    from mlrun.app import run_experiment
 
     cfg = OmegaConf.load(Path(run_dir) / ".hydra" / "resolved.yaml")
     run_experiment(cfg, Path(run_dir), worker=True)

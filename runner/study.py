@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
+
 from mlrun import claims as claims_mod
 from mlrun.records import RESULTS, STUDY, read_json, write_json
 

@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
+
 from mlrun import distributed
 from mlrun.loggers import Loggers
 from mlrun.progress import Progress
 from mlrun.task import DataModule, Task
-from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("mlrun")
 
