@@ -161,6 +161,8 @@ def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False) -> dict
             metrics = trainer.evaluate(task, data, "val", None, cfg.trainer)
         else:
             metrics = trainer.fit(task, data, stages_of(cfg), resume=ckpt_state, progress=progress)
+            if dist.enabled:
+                results["ddp_replicas_identical"] = distributed.replicas_identical(task)
             if cfg.trainer.monitor and (run_dir / "checkpoints" / "best.pt").exists():
                 best = Trainer.load_checkpoint(run_dir / "checkpoints" / "best.pt")
                 task.load_state_dict(best["model"])

@@ -87,6 +87,25 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         g.copy_(v)
 
 
+def replicas_identical(module: torch.nn.Module) -> bool:
+    """True when every rank holds bit-identical parameters (elementwise max over ranks equals min)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    flat = torch.cat([p.detach().reshape(-1).float() for p in module.parameters()])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return bool(torch.equal(hi, lo))
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
 def all_agree(flag: bool) -> bool:
     """True on every rank only if `flag` is true on every rank (so all ranks stop together)."""
     if not (dist.is_available() and dist.is_initialized()):

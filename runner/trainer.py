@@ -176,8 +176,11 @@ class Trainer:
         else:
             sampler = ResumableBatchSampler(len(ds), bs, False, 0, drop_last=False,
                                             limit_batches=cfg.limit_eval_batches)
+        # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run (which
+        # creates one mid-epoch) would see different dropout masks than an uninterrupted one.
+        gen = torch.Generator().manual_seed(self.seed)
         return torch.utils.data.DataLoader(
-            ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+            ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers, generator=gen,
             pin_memory=cfg.pin_memory and self.device.type == "cuda",
             persistent_workers=cfg.num_workers > 0 and train,
         )
@@ -498,7 +501,11 @@ class Trainer:
 
     def _log(self, sums: dict, counts: dict, optimizers: dict, stage: str, step: int, epoch: int,
              progress: Progress) -> None:
-        values = {k: float(v) / counts[k] for k, v in sums.items()}  # the one sync per log interval
+        keys = sorted(sums)
+        means = torch.stack([sums[k].float().reshape(()) / counts[k] for k in keys]) if keys else torch.zeros(0)
+        if self.dist.enabled and keys:
+            means = distributed.mean_over_ranks(means)  # the logged loss is the global batch's
+        values = dict(zip(keys, means.tolist()))  # the one sync per log interval
         sums.clear()
         counts.clear()
         record: dict[str, Any] = {"stage": stage, "step": step, "global_step": self.global_step, "epoch": epoch,

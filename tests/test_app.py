@@ -1,0 +1,195 @@
+"""Whole runs through the Python API and the CLI: records, resume, claims, studies, DDP, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlrun import compose, run
+from mlrun.app import RunFailed
+from mlrun.records import read_metrics
+from mlrun.study import gather
+from mlrun.trainer import Trainer
+
+FAST = ["logger=none", "trainer.progress=none", "hardware.threads=1"]
+
+
+def params(run_dir: Path) -> dict[str, torch.Tensor]:
+    return Trainer.load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def test_results_and_metrics_records(tmp_path):
+    res = run("digits_classifier", [*FAST, "trainer.max_steps=30", "trainer.log_every=10"], run_dir=tmp_path / "r")
+    on_disk = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert on_disk["status"] == "completed" == res["status"]
+    for key in ("metrics", "claims", "paper", "seed", "config_digest", "versions", "device", "wall_time_s", "steps"):
+        assert key in on_disk, key
+    assert on_disk["steps"] == 30
+    assert on_disk["claims"][0]["status"] in ("held", "failed")
+    assert [r["step"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if "train/model_loss" in r] == [10, 20, 30]
+
+
+def test_interrupted_then_resumed_equals_uninterrupted_bit_for_bit(tmp_path, monkeypatch):
+    """N steps, stop (as SIGINT does), resume N more: parameters equal a 2N-step run exactly."""
+    over = [*FAST, "trainer.max_steps=40", "model.net.dropout=0.3", "seed=3"]  # dropout: the RNG state matters
+    run("digits_classifier", over, run_dir=tmp_path / "full")
+
+    original = Trainer._step
+
+    def stop_at_20(self, task, batch, cfg, *args):
+        out = original(self, task, batch, cfg, *args)
+        if self.global_step == 19:
+            self._stop_signal = "SIGINT"
+        return out
+
+    monkeypatch.setattr(Trainer, "_step", stop_at_20)
+    with pytest.raises(RunFailed) as e:
+        run("digits_classifier", over, run_dir=tmp_path / "part")
+    assert e.value.code == 130
+    assert json.loads((tmp_path / "part" / "results.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(Trainer, "_step", original)
+
+    res = run("digits_classifier", [*over, f"resume={tmp_path / 'part'}"], run_dir=tmp_path / "resumed")
+    assert res["resumed_from"] == str(tmp_path / "part")
+    a, b = params(tmp_path / "full"), params(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    full_log = [r for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
+    resumed_log = [r for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl")]
+    assert [r["step"] for r in full_log] == [r["step"] for r in resumed_log]
+    assert json.loads((tmp_path / "part" / "results.json").read_text())["resumed_by"] == str(tmp_path / "resumed")
+
+
+def test_resume_auto_finds_the_unfinished_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    over = [*FAST, "trainer.max_steps=10"]
+    original = Trainer._step
+
+    def stop_at_5(self, task, batch, cfg, *args):
+        out = original(self, task, batch, cfg, *args)
+        if self.global_step == 4:
+            self._stop_signal = "SIGTERM"
+        return out
+
+    monkeypatch.setattr(Trainer, "_step", stop_at_5)
+    with pytest.raises(RunFailed):
+        run("digits_classifier", over, run_dir=tmp_path / "outputs" / "a")
+    monkeypatch.setattr(Trainer, "_step", original)
+    res = run("digits_classifier", [*over, "resume=auto"], run_dir=tmp_path / "outputs" / "b")
+    assert res["resumed_from"] == str(tmp_path / "outputs" / "a")
+    res = run("digits_classifier", [*over, "resume=auto"], run_dir=tmp_path / "outputs" / "c")
+    assert "resumed_from" not in res  # a was resumed already, b completed: nothing left to continue
+
+
+def test_checkpoint_from_another_model_is_refused_with_the_mismatch(tmp_path):
+    run("digits_classifier", [*FAST, "trainer.max_steps=2"], run_dir=tmp_path / "a")
+    with pytest.raises(RunFailed, match="does not fit this model: shape of net"):
+        run("digits_classifier", [*FAST, "trainer.max_steps=4", "model.net.hidden=16", f"resume={tmp_path / 'a'}"],
+            run_dir=tmp_path / "b")
+
+
+def test_claims_from_config_are_evaluated(tmp_path):
+    res = run("digits_classifier", [*FAST, "trainer.max_steps=1"], run_dir=tmp_path / "r")
+    claim = res["claims"][0]
+    assert claim["status"] == "failed" and claim["lhs_value"] < 0.95  # one step cannot reach 95%
+
+
+def test_study_gathers_runs_by_label_and_checks_claims(tmp_path):
+    sweep = tmp_path / "sweep"
+    for i, (label, steps) in enumerate([("short", 1), ("long", 150)]):
+        for seed in (0, 1):
+            run("digits_classifier", [*FAST, f"trainer.max_steps={steps}", f"label={label}", f"seed={seed}"],
+                run_dir=sweep / f"{i}{seed}_{label}")
+    study_cfg = {"claims": [
+        {"name": "training helps", "lhs": {"run": "long", "metric": "test/acc"}, "op": ">",
+         "rhs": {"run": "short", "metric": "test/acc"}, "offset": 0.3},
+        {"name": "impossible", "lhs": {"run": "long", "metric": "test/acc"}, "op": ">", "rhs": 1.0},
+        {"name": "missing", "lhs": {"run": "nope", "metric": "test/acc"}, "op": ">", "rhs": 0},
+    ]}
+    study = gather(sweep, study_cfg, "digits_classifier")
+    assert study["groups"]["long"]["test/acc"]["n"] == 2
+    assert [c["status"] for c in study["claims"]] == ["held", "failed", "unknown"]
+    assert json.loads((sweep / "study.json").read_text())["status"] == "completed"
+
+
+def test_compose_applies_overrides_and_types():
+    cfg = compose("digits_classifier", ["trainer.max_steps=7", "hardware=ddp"])
+    assert cfg.trainer.max_steps == 7 and cfg.hardware.nproc_per_node == 2
+    with pytest.raises(Exception, match="max_step"):
+        compose("digits_classifier", ["trainer.max_step=7"])
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+def mlrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    exe = Path(sys.executable).with_name("mlrun")
+    return subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("override, says", [
+    ("trainer.max_step=3", "Key 'max_step' not in 'TrainerConf'"),
+    ("trainer.max_steps=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+    ("experiment=nope", "Available options in 'experiment'"),
+    ("hardware=tpu", "Could not find 'hardware/tpu'"),
+])
+def test_bad_overrides_exit_nonzero_with_one_clear_message(override, says, tmp_path):
+    args = [override] if override.startswith("experiment=") else ["experiment=digits_classifier", override]
+    p = mlrun(*args, cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert says in out
+    assert "Traceback" not in out
+    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("results.json"))
+
+
+def test_no_experiment_lists_them(tmp_path):
+    p = mlrun("logger=none", cwd=tmp_path)
+    assert p.returncode == 1 and "choose an experiment" in p.stderr and "digits_classifier" in p.stderr
+
+
+def test_help_lists_groups_without_torch(tmp_path):
+    p = mlrun("--help", cwd=tmp_path)
+    assert p.returncode == 0 and "experiment: " in p.stdout and "hardware: cpu, ddp, gpu" in p.stdout
+    code = "import sys, mlrun.cli; mlrun.cli.print_help(); assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True).returncode == 0
+
+
+def test_gpu_without_cuda_says_so_in_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    p = mlrun("experiment=digits_classifier", "hardware=gpu", "logger=none", cwd=tmp_path)
+    assert p.returncode == 1
+    assert "hardware asks for CUDA but this machine has none" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_multirun_writes_two_run_dirs_and_a_study(tmp_path):
+    p = mlrun("-m", "experiment=digits_classifier", "seed=0,1", "trainer.max_steps=3", "logger=none",
+              "trainer.progress=none", f"hydra.sweep.dir={tmp_path / 'sw'}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    study = json.loads((tmp_path / "sw" / "study.json").read_text())
+    assert len(study["runs"]) == 2 and study["status"] == "completed"
+
+
+# ------------------------------------------------------------------------------------------ DDP
+
+
+def test_ddp_two_gloo_workers_match_one_process_on_the_global_batch(tmp_path):
+    """2 ranks x batch 32 == 1 process x batch 64 (same samples per step); replicas stay identical."""
+    common = [*FAST, "trainer.max_steps=15", "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=0.1"]
+    ddp = run("digits_classifier", [*common, "hardware=ddp", "dataset.batch_size=32"], run_dir=tmp_path / "ddp")
+    one = run("digits_classifier", [*common, "dataset.batch_size=64"], run_dir=tmp_path / "one")
+    assert ddp["world_size"] == 2 and ddp["ddp_replicas_identical"] is True
+    a, b = params(tmp_path / "ddp"), params(tmp_path / "one")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    la = [r["train/model_loss"] for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if "train/model_loss" in r]
+    lb = [r["train/model_loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "train/model_loss" in r]
+    assert la == pytest.approx(lb, rel=1e-5)  # the logged loss is the global batch's mean
