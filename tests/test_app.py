@@ -32,7 +32,8 @@ def test_results_and_metrics_records(tmp_path):
         assert key in on_disk, key
     assert on_disk["steps"] == 30
     assert on_disk["claims"][0]["status"] in ("held", "failed")
-    assert [r["step"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if "train/model_loss" in r] == [10, 20, 30]
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "train/model_loss" in r] == [10, 20, 30]
 
 
 def test_interrupted_then_resumed_equals_uninterrupted_bit_for_bit(tmp_path, monkeypatch):
@@ -185,7 +186,7 @@ def test_ddp_two_gloo_workers_match_one_process_on_the_global_batch(tmp_path):
     """2 ranks x batch 32 == 1 process x batch 64 (same samples per step); replicas stay identical."""
     common = [*FAST, "trainer.max_steps=15", "model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=0.1"]
     ddp = run("digits_classifier", [*common, "hardware=ddp", "dataset.batch_size=32"], run_dir=tmp_path / "ddp")
-    one = run("digits_classifier", [*common, "dataset.batch_size=64"], run_dir=tmp_path / "one")
+    run("digits_classifier", [*common, "dataset.batch_size=64"], run_dir=tmp_path / "one")
     assert ddp["world_size"] == 2 and ddp["ddp_replicas_identical"] is True
     a, b = params(tmp_path / "ddp"), params(tmp_path / "one")
     for k in a:
