@@ -1,0 +1,332 @@
+"""MAML / first-order MAML / iMAML (models/meta.py): meta-gradients against closed forms and explicit unrolls,
+conjugate gradient on a known system, and the saved-tensor memory meter."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, hessian, jvp
+
+from mlrun.models.meta import (
+    IMAML,
+    MAML,
+    ConvLearner,
+    SavedTensorMeter,
+    conjugate_gradient,
+    hessian_vector_product,
+    imaml_meta_gradient,
+    params_of,
+    proximal_gd,
+    saved_tensor_bytes,
+    study_figure,
+    summarize,
+)
+
+
+def adam(params):
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    fa, fb = torch.cat([t.reshape(-1) for t in a]), torch.cat([t.reshape(-1) for t in b])
+    return float(fa @ fb / (fa.norm() * fb.norm()))
+
+
+def mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (pred.squeeze(-1) - y).pow(2).mean()
+
+
+def episode(n_way=5, shot=1, queries=1, size=8, seed=0, tasks=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = (tasks,) if tasks else ()
+    return {
+        "support": torch.randn(*shape, n_way * shot, 1, size, size, generator=g),
+        "support_y": torch.arange(n_way).repeat_interleave(shot).expand(*shape, -1).clone(),
+        "query": torch.randn(*shape, n_way * queries, 1, size, size, generator=g),
+        "query_y": torch.arange(n_way).repeat_interleave(queries).expand(*shape, -1).clone(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the learner
+
+
+@pytest.mark.parametrize(("size", "downsample", "features"), [(8, "pool", 1), (28, "stride", 4), (84, "pool", 25)])
+def test_conv_learner_shapes_and_batch_statistics(size, downsample, features):
+    torch.manual_seed(0)
+    net = ConvLearner(in_channels=1, channels=8, n_way=5, image_size=size, downsample=downsample)
+    assert net.head.in_features == 8 * features
+    assert list(net.buffers()) == []  # no running statistics: any parameter dict is a complete state
+    x = torch.randn(6, 1, size, size)
+    out = net(x)
+    assert out.shape == (6, 5)
+    net.eval()  # batch norm still uses the batch's statistics at test time, as in MAML
+    torch.testing.assert_close(net(x), out)
+
+
+# ---------------------------------------------------------------------------------------------- CG and HVP
+
+
+def test_conjugate_gradient_solves_a_known_spd_system():
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(torch.linspace(1.0, 50.0, 30, dtype=torch.float64)) @ q.T
+    x_true = torch.randn(30, generator=g, dtype=torch.float64)
+    b = a @ x_true
+    x = conjugate_gradient(lambda v: a @ v, b, steps=100, tol=1e-12)
+    assert float((a @ x - b).norm()) < 1e-6
+    assert float((x - x_true).norm()) < 1e-6
+    # in exact arithmetic CG finishes in as many steps as there are distinct eigenvalues
+    d = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64).repeat(10))
+    y = conjugate_gradient(lambda v: d @ v, b, steps=3)
+    assert float((d @ y - b).norm()) < 1e-6
+
+
+def test_hessian_vector_product_matches_torch_func():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    params = {n: p.detach().clone().requires_grad_() for n, p in net.named_parameters()}
+    v = {n: torch.randn_like(p) for n, p in params.items()}
+
+    def loss(p):
+        return F.cross_entropy(functional_call(net, p, (x,)), y)
+
+    leaves = list(params.values())
+    g = torch.autograd.grad(loss(params), leaves, create_graph=True)
+    ours = hessian_vector_product(g, leaves, torch.cat([t.reshape(-1) for t in v.values()]))
+    _, ref = jvp(grad(loss), ({n: p.detach() for n, p in params.items()},), (v,))
+    torch.testing.assert_close(ours, torch.cat([t.reshape(-1) for t in ref.values()]))
+
+
+# ---------------------------------------------------------------------------------------------- iMAML
+
+
+def _regression_task(d=5, n_s=8, n_q=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    w = torch.randn(d, generator=g, dtype=f64)
+    xs, xq = torch.randn(n_s, d, generator=g, dtype=f64), torch.randn(n_q, d, generator=g, dtype=f64)
+    ys = xs @ w + 0.1 * torch.randn(n_s, generator=g, dtype=f64)
+    yq = xq @ w + 0.1 * torch.randn(n_q, generator=g, dtype=f64)
+    return (xs, ys), (xq, yq)
+
+
+def test_imaml_meta_gradient_matches_the_closed_form_on_linear_regression():
+    """Linear regression with squared loss: H is constant, the inner problem and the meta-gradient have closed forms,
+    and (I + H/λ)^-1 ∇L_test(φ*) must equal the total derivative of L_test(φ*(θ)) (here by autograd through the
+    closed-form φ*)."""
+    torch.manual_seed(0)
+    d, lam = 5, 2.0
+    net = nn.Linear(d, 1).double()
+    theta = params_of(net)
+    (xs, ys), (xq, yq) = _regression_task(d)
+    a_s = torch.cat([xs, torch.ones(len(xs), 1, dtype=torch.float64)], 1)  # [x, 1] @ [w, b]
+    a_q = torch.cat([xq, torch.ones(len(xq), 1, dtype=torch.float64)], 1)
+    h = 2 * a_s.T @ a_s / len(xs)
+    t = torch.cat([net.weight.detach().reshape(-1), net.bias.detach()]).requires_grad_()
+    phi_star = torch.linalg.solve(h + lam * torch.eye(d + 1, dtype=torch.float64), lam * t + 2 * a_s.T @ ys / len(xs))
+    test_loss = (a_q @ phi_star - yq).pow(2).mean()
+    exact = torch.autograd.grad(test_loss, t)[0]
+    g_test = 2 * a_q.T @ (a_q @ phi_star.detach() - yq) / len(xq)
+    torch.testing.assert_close(exact, torch.linalg.solve(torch.eye(d + 1, dtype=torch.float64) + h / lam, g_test))
+
+    grads, q_loss, _ = imaml_meta_gradient(net, theta, (xs, ys), (xq, yq), steps=400, lr=0.1, lam=lam, cg_steps=5,
+                                           loss_fn=mse)
+    ours = torch.cat([grads[0].reshape(-1), grads[1]])
+    assert cosine([ours], [exact]) >= 0.99  # the paper's 5 CG steps
+    grads, _, _ = imaml_meta_gradient(net, theta, (xs, ys), (xq, yq), steps=400, lr=0.1, lam=lam, cg_steps=d + 1,
+                                      loss_fn=mse)
+    torch.testing.assert_close(torch.cat([grads[0].reshape(-1), grads[1]]), exact)  # CG is exact after dim steps
+    torch.testing.assert_close(q_loss, test_loss.detach(), atol=1e-8, rtol=1e-6)
+
+
+def test_imaml_meta_gradient_matches_exact_solve_on_softmax_regression():
+    """Cross-entropy (H depends on φ): the CG answer against the dense (I + H/λ)^-1 ∇L_test at the same φ, with H
+    from torch.func.hessian."""
+    torch.manual_seed(0)
+    lam = 2.0
+    net = nn.Linear(6, 4)
+    theta = params_of(net)
+    g = torch.Generator().manual_seed(1)
+    xs, ys = torch.randn(8, 6, generator=g), torch.arange(4).repeat(2)
+    xq, yq = torch.randn(12, 6, generator=g), torch.arange(4).repeat(3)
+    grads, _, _ = imaml_meta_gradient(net, theta, (xs, ys), (xq, yq), steps=16, lr=0.1, lam=lam, cg_steps=5,
+                                      loss_fn=F.cross_entropy)
+    phi = {n: p.detach() for n, p in proximal_gd(net, theta, xs, ys, 16, 0.1, lam, F.cross_entropy).items()}
+    names = list(phi)
+    flat = torch.cat([phi[n].reshape(-1) for n in names])
+
+    def unpack(v):
+        out, i = {}, 0
+        for n in names:
+            out[n] = v[i : i + phi[n].numel()].view_as(phi[n])
+            i += phi[n].numel()
+        return out
+
+    def support_loss(v):
+        return F.cross_entropy(functional_call(net, unpack(v), (xs,)), ys)
+
+    def query_loss(v):
+        return F.cross_entropy(functional_call(net, unpack(v), (xq,)), yq)
+
+    h = hessian(support_loss)(flat)
+    exact = torch.linalg.solve(torch.eye(len(flat)) + h / lam, grad(query_loss)(flat))
+    assert cosine([torch.cat([t.reshape(-1) for t in grads])], [exact]) >= 0.99
+
+
+def test_proximal_gd_converges_to_the_regularised_minimiser():
+    torch.manual_seed(0)
+    net = nn.Linear(5, 1).double()
+    (xs, ys), _ = _regression_task(5)
+    phi = proximal_gd(net, params_of(net), xs, ys, steps=400, lr=0.1, lam=2.0, loss_fn=mse)
+    a = torch.cat([xs, torch.ones(len(xs), 1, dtype=torch.float64)], 1)
+    theta = torch.cat([net.weight.detach().reshape(-1), net.bias.detach()])
+    star = torch.linalg.solve(2 * a.T @ a / len(xs) + 2.0 * torch.eye(6, dtype=torch.float64),
+                              2.0 * theta + 2 * a.T @ ys / len(xs))
+    torch.testing.assert_close(torch.cat([phi["weight"].reshape(-1), phi["bias"]]), star)
+    assert all(p.grad_fn is None for p in phi.values())  # no graph kept through the inner loop
+
+
+# ---------------------------------------------------------------------------------------------- MAML
+
+
+class _MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _unrolled(w1, b1, w2, b2, xs, ys, xq, yq, steps, lr, create_graph):
+    """MAML written out by hand: K explicit SGD steps on explicit weights, then the query loss."""
+    ws = [w1, b1, w2, b2]
+    for _ in range(steps):
+        loss = F.cross_entropy(F.linear(torch.tanh(F.linear(xs, ws[0], ws[1])), ws[2], ws[3]), ys)
+        gs = torch.autograd.grad(loss, ws, create_graph=create_graph)
+        ws = [w - lr * g for w, g in zip(ws, gs)]
+    return F.cross_entropy(F.linear(torch.tanh(F.linear(xq, ws[0], ws[1])), ws[2], ws[3]), yq)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_maml_meta_gradient_equals_autograd_through_an_unrolled_loop(first_order):
+    torch.manual_seed(0)
+    model = MAML(_MLP(), adam, inner_steps=3, inner_lr=0.5, first_order=first_order)
+    g = torch.Generator().manual_seed(2)
+    xs, ys = torch.randn(6, 4, generator=g), torch.arange(3).repeat(2)
+    xq, yq = torch.randn(9, 4, generator=g), torch.arange(3).repeat(3)
+    grads, loss, _ = model.meta_gradient((xs, ys), (xq, yq), steps=3)
+
+    leaves = [p.detach().clone().requires_grad_() for p in model.learner.parameters()]
+    if first_order:  # the query gradient at φ, where φ came from steps whose gradients are constants
+        phi = [p.detach().clone() for p in leaves]
+        with torch.enable_grad():
+            phi_leaves = [p.requires_grad_() for p in phi]
+            for _ in range(3):
+                loss_s = F.cross_entropy(F.linear(torch.tanh(F.linear(xs, phi[0], phi[1])), phi[2], phi[3]), ys)
+                gs = torch.autograd.grad(loss_s, phi)
+                phi = [(w - 0.5 * gg).detach().requires_grad_() for w, gg in zip(phi, gs)]
+            del phi_leaves
+        ref_loss = F.cross_entropy(F.linear(torch.tanh(F.linear(xq, phi[0], phi[1])), phi[2], phi[3]), yq)
+        ref = torch.autograd.grad(ref_loss, phi)
+    else:
+        ref_loss = _unrolled(*leaves, xs, ys, xq, yq, steps=3, lr=0.5, create_graph=True)
+        ref = torch.autograd.grad(ref_loss, leaves)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, ref_loss.detach())
+    if not first_order:  # and second order really differs from first order here
+        fo = MAML(model.learner, adam, inner_steps=3, inner_lr=0.5, first_order=True)
+        assert cosine(fo.meta_gradient((xs, ys), (xq, yq), 3)[0], grads) < 0.999
+
+
+def test_maml_training_step_yields_the_mean_query_loss_over_the_meta_batch():
+    torch.manual_seed(0)
+    model = MAML(ConvLearner(channels=4, image_size=8), adam, inner_steps=2, inner_lr=0.4)
+    batch = episode(tasks=3)
+    name, loss = next(iter(model.training_step(batch)))
+    assert name == "meta" and loss.requires_grad
+    loss.backward()
+    per_task = [model.meta_gradient((batch["support"][i], batch["support_y"][i]),
+                                    (batch["query"][i], batch["query_y"][i]), 2)[0] for i in range(3)]
+    for j, p in enumerate(model.learner.parameters()):
+        torch.testing.assert_close(p.grad, sum(t[j] for t in per_task) / 3, rtol=1e-4, atol=1e-6)
+    assert "query_acc" in model._step_logs
+
+
+def test_imaml_training_step_sets_the_mean_meta_gradient_and_yields_none():
+    torch.manual_seed(0)
+    model = IMAML(ConvLearner(channels=4, image_size=8), adam, inner_steps=3, inner_lr=0.1, lam=2.0, cg_steps=5)
+    batch = episode(tasks=2)
+    steps = list(model.training_step(batch))
+    assert steps == [("meta", None)]
+    per_task = [model.meta_gradient((batch["support"][i], batch["support_y"][i]),
+                                    (batch["query"][i], batch["query_y"][i]), 3)[0] for i in range(2)]
+    for j, p in enumerate(model.learner.parameters()):
+        torch.testing.assert_close(p.grad, (per_task[0][j] + per_task[1][j]) / 2)
+    assert set(model._step_logs) == {"meta_loss", "query_acc"}
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def test_saved_tensor_meter_counts_each_storage_once_and_forgets_freed_graphs():
+    x = torch.randn(100, requires_grad=True)  # 400 bytes
+    w = torch.randn(100, requires_grad=True)
+    with SavedTensorMeter() as meter:
+        y = x * w  # mul saves both operands
+        assert meter.current == 800
+        z = (x * w).sum()  # the same storages again: no new bytes
+        assert meter.current == 800
+        del y, z
+        assert meter.current == 0
+        for _ in range(5):  # a loop that frees each step's graph peaks at one step (a and exp(a): 400 bytes)
+            a = torch.randn(50, requires_grad=True)
+            torch.autograd.grad((a * a.exp()).sum(), a)
+            assert meter.current == 0
+    assert meter.peak == 800
+    assert meter.total > 800
+
+
+def test_maml_memory_grows_with_inner_steps_and_imaml_memory_does_not():
+    torch.manual_seed(0)
+    batch = episode(queries=1)
+    probe = ((batch["support"], batch["support_y"]), (batch["query"], batch["query_y"]))
+    saved = {}
+    for model in (MAML(ConvLearner(channels=8, image_size=8), adam, 5, 0.4),
+                  MAML(ConvLearner(channels=8, image_size=8), adam, 5, 0.4, first_order=True, variant="fomaml"),
+                  IMAML(ConvLearner(channels=8, image_size=8), adam, 5, 0.1)):
+        model._probe = probe
+        prof = model.memory_profile([1, 5, 20])
+        saved[model.variant] = [prof[f"saved_mib_k{k}"] for k in (1, 5, 20)]
+    m = saved["maml"]
+    assert m[0] < m[1] < m[2]
+    # linear in K: the per-step increment is the same between 1->5 and 5->20
+    assert math.isclose((m[2] - m[1]) / 15, (m[1] - m[0]) / 4, rel_tol=0.05)
+    assert m[2] / m[0] >= 10
+    for name in ("fomaml", "imaml"):
+        assert max(saved[name]) == min(saved[name]) > 0
+    assert saved_tensor_bytes(lambda: None) == 0
+
+
+# ---------------------------------------------------------------------------------------------- study
+
+
+def test_summarize_and_figure(tmp_path):
+    def group(acc, k1, k20):
+        return {"test/acc": {"median": acc}, "test/acc_ci95": {"median": 0.01},
+                "test/saved_mib_k1": {"median": k1}, "test/saved_mib_k20": {"median": k20}}
+
+    study = {"groups": {"maml": group(0.8, 1.0, 12.0), "imaml": group(0.79, 2.0, 2.0)},
+             "runs": [{"status": "completed", "label": "maml", "metrics": {"test/acc": 0.8}}]}
+    out = summarize(study)
+    assert out["maml/saved_ratio_k20_k1"] == 12.0
+    assert out["imaml/saved_ratio_k20_k1"] == 1.0
+    assert out["imaml/test/acc"] == 0.79
+    paths = study_figure(study, tmp_path)
+    assert paths[0].exists() and paths[0].stat().st_size > 1000
