@@ -21,6 +21,8 @@ class TrainerConf:
     """Optimizer steps per stage (a step is one `training_step` call). Ignored when max_epochs is set."""
     max_epochs: int | None = None
     """If set, the stage runs this many passes over its train split instead of max_steps."""
+    step_limit: int | None = None
+    """Caps every stage's steps, whatever the stage or epochs say (debug presets, smoke runs)."""
     log_every: int = 50
     eval_every: int = 0
     """Evaluate on the val split every N steps (0: only at the end of each stage)."""

@@ -346,6 +346,8 @@ class Trainer:
             )
         accumulate = max(int(cfg.accumulate), 1)
         max_steps = int(cfg.max_epochs * per_epoch // accumulate) if cfg.max_epochs is not None else int(cfg.max_steps)
+        if cfg.step_limit is not None:
+            max_steps = min(max_steps, int(cfg.step_limit))
 
         step, epoch, batch_in_epoch = 0, 0, 0
         if resume is not None:

@@ -14,7 +14,7 @@ from mlrun import compose, run
 from mlrun.cli import experiments
 
 SMOKE_DEFAULTS = [
-    "logger=none", "trainer.max_steps=2", "trainer.max_epochs=null", "trainer.log_every=1", "trainer.eval_every=0",
+    "logger=none", "trainer.step_limit=2", "trainer.log_every=1", "trainer.eval_every=0",
     "trainer.checkpoint_every=0", "trainer.progress=none", "trainer.limit_eval_batches=2", "hardware.threads=1",
 ]
 
