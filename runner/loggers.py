@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import secrets
 import warnings
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,7 @@ class Loggers:
             import wandb
 
             mode = wandb_mode(cfg.mode)
-            self.wandb_id = wandb_id or wandb.util.generate_id()
+            self.wandb_id = wandb_id or secrets.token_hex(4)  # fixed now, kept in checkpoints, reused on resume
             self.wandb_run = wandb.init(
                 project=cfg.project, entity=cfg.entity, mode=mode, id=self.wandb_id, resume="allow",
                 dir=str(self.run_dir), config=redact(config_dict), tags=list(cfg.tags),
