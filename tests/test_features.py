@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from mlrun import compose, run
 from mlrun.records import read_metrics, write_json
 from mlrun.report import find_records, report_main, rows
@@ -30,9 +28,9 @@ def test_eval_only_scores_a_checkpoint_without_training(tmp_path):
 
 
 def test_monitor_keeps_best_and_tests_it_and_retention_keeps_k(tmp_path):
-    res = run("digits_classifier", [*FAST, "trainer.max_steps=60", "trainer.eval_every=10", "trainer.checkpoint_every=10",
-                                    "trainer.monitor=val/acc", "trainer.mode=max", "trainer.keep_last=2"],
-              run_dir=tmp_path / "r")
+    over = ["trainer.max_steps=60", "trainer.eval_every=10", "trainer.checkpoint_every=10", "trainer.monitor=val/acc",
+            "trainer.mode=max", "trainer.keep_last=2"]
+    res = run("digits_classifier", [*FAST, *over], run_dir=tmp_path / "r")
     ck = tmp_path / "r" / "checkpoints"
     assert (ck / "best.pt").exists() and (ck / "last.pt").exists()
     assert sorted(p.name for p in ck.glob("step-*.pt")) == ["step-00000050.pt", "step-00000060.pt"]
