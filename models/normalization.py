@@ -51,8 +51,7 @@ class BatchNorm(nn.Module):
             n = x.numel() // self.num_features
             if n < 2:
                 raise ValueError(f"BatchNorm needs more than one value per channel in training, got {tuple(x.shape)}")
-            mean = x.mean(dims)
-            var = x.var(dims, unbiased=False)
+            var, mean = torch.var_mean(x, dims, correction=0)
             with torch.no_grad():
                 m = self.momentum
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
@@ -61,7 +60,7 @@ class BatchNorm(nn.Module):
         else:
             mean, var = self.running_mean, self.running_var
         x_hat = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
-        return x_hat * self.weight.reshape(shape) + self.bias.reshape(shape)
+        return torch.addcmul(self.bias.reshape(shape), x_hat, self.weight.reshape(shape))
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
@@ -86,11 +85,10 @@ class GroupNorm(nn.Module):
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"GroupNorm(C={self.num_channels}) got input of shape {tuple(x.shape)}")
         g = x.reshape(x.shape[0], self.num_groups, -1)
-        mean = g.mean(-1, keepdim=True)
-        var = g.var(-1, unbiased=False, keepdim=True)
+        var, mean = torch.var_mean(g, -1, correction=0, keepdim=True)
         x_hat = ((g - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
         shape = [1, -1] + [1] * (x.dim() - 2)
-        return x_hat * self.weight.reshape(shape) + self.bias.reshape(shape)
+        return torch.addcmul(self.bias.reshape(shape), x_hat, self.weight.reshape(shape))
 
     def extra_repr(self) -> str:
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}"
