@@ -437,18 +437,19 @@ def _k_of(metric: str, prefix: str) -> int | None:
 
 
 def summarize(study: dict[str, Any]) -> dict[str, float]:
-    """Per method (label): median over seeds of test accuracy, its interval and the saved-MiB ratio K_max / K_min."""
+    """Per method (label), medians over seeds: test accuracy and its interval, saved MiB at each K, the ratio of
+    saved MiB at the largest K to the smallest, and the largest saved MiB over the smallest across K."""
     out: dict[str, float] = {}
     for label, metrics in study.get("groups", {}).items():
         for name in ("test/acc", "test/acc_ci95"):
             if name in metrics:
                 out[f"{label}/{name}"] = metrics[name]["median"]
-        ks = sorted(k for m in metrics if (k := _k_of(m, "saved_mib_k")) is not None)
-        if len(ks) >= 2:
-            lo, hi = metrics[f"test/saved_mib_k{ks[0]}"]["median"], metrics[f"test/saved_mib_k{ks[-1]}"]["median"]
-            out[f"{label}/saved_ratio_k{ks[-1]}_k{ks[0]}"] = hi / lo
-            for k in ks:
-                out[f"{label}/saved_mib_k{k}"] = metrics[f"test/saved_mib_k{k}"]["median"]
+        saved = {k: metrics[m]["median"] for m in metrics if (k := _k_of(m, "saved_mib_k")) is not None}
+        if len(saved) >= 2:
+            lo, hi = min(saved), max(saved)
+            out[f"{label}/saved_ratio_k{hi}_k{lo}"] = saved[hi] / saved[lo]
+            out[f"{label}/saved_max_over_min"] = max(saved.values()) / min(saved.values())
+            out.update({f"{label}/saved_mib_k{k}": v for k, v in sorted(saved.items())})
     return out
 
 
