@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,17 +114,23 @@ def episode_setting(episode: dict[str, Tensor]) -> tuple[int, int]:
 
 class _EpisodicData(DataModule):
     """Shared episode plumbing: train episodes (run seed), val/test episodes (fixed eval seed), one
-    EpisodeDataset per test way (20-way and 5-way from one trained model, as the papers report)."""
+    EpisodeDataset per test way (20-way and 5-way from one trained model, as the papers report).
+
+    Training episodes are `train_way`-way (default n_way; a {shot: way} mapping picks it by shot),
+    `train_shot`-shot (default k_shot) with `q_queries` queries; val/test are `test_ways` x `test_shot`
+    (default k_shot) with `test_queries` (default q_queries)."""
 
     batch_size = None
     eval_batch_size = None
     drop_last = False
 
     def __init__(self, n_way: int, k_shot: int, q_queries: int, train_episodes: int, test_episodes: int,
-                 tasks_per_item: int, seed: int, train_way: int | None, train_shot: int | None,
+                 tasks_per_item: int, seed: int, train_way: int | Mapping[int, int] | None, train_shot: int | None,
                  test_ways: list[int] | None, test_shot: int | None, test_queries: int | None, val_episodes: int,
                  eval_seed: int) -> None:
         self.n_way, self.k_shot, self.q_queries = n_way, k_shot, q_queries
+        if isinstance(train_way, Mapping):  # the paper's training way per shot, e.g. {1: 30, 5: 20} on miniImageNet
+            train_way = {int(k): v for k, v in train_way.items()}[int(train_shot or k_shot)]
         self.train_way, self.train_shot = train_way or n_way, train_shot or k_shot
         self.test_ways = list(test_ways) if test_ways else [n_way]
         self.test_shot, self.test_queries = test_shot or k_shot, test_queries or q_queries
@@ -182,7 +188,8 @@ class FewShotDigits(_EpisodicData):
     """
 
     def __init__(self, n_way: int = 5, k_shot: int = 1, q_queries: int = 15, train_episodes: int = 100_000,
-                 test_episodes: int = 600, tasks_per_item: int = 1, seed: int = 0, train_way: int | None = None,
+                 test_episodes: int = 600, tasks_per_item: int = 1, seed: int = 0,
+                 train_way: int | Mapping[int, int] | None = None,
                  train_shot: int | None = None, test_ways: list[int] | None = None, test_shot: int | None = None,
                  test_queries: int | None = None, val_episodes: int = 100, eval_seed: int = 1234,
                  train_digits: Sequence[int] = (0, 1, 2, 3, 4), test_digits: Sequence[int] = (5, 6, 7, 8, 9),
@@ -252,9 +259,9 @@ class Omniglot(_EpisodicData):
 
     def __init__(self, root: str | None = None, n_way: int = 5, k_shot: int = 1, q_queries: int = 5,
                  train_episodes: int = 100_000, test_episodes: int = 600, tasks_per_item: int = 1, seed: int = 0,
-                 train_way: int | None = 60, train_shot: int | None = None, test_ways: list[int] | None = None,
-                 test_shot: int | None = None, test_queries: int | None = 15, val_episodes: int = 100,
-                 eval_seed: int = 1234, split: str = "vinyals", train_split: str = "trainval",
+                 train_way: int | Mapping[int, int] | None = 60, train_shot: int | None = None,
+                 test_ways: list[int] | None = None, test_shot: int | None = None, test_queries: int | None = 15,
+                 val_episodes: int = 100, eval_seed: int = 1234, split: str = "vinyals", train_split: str = "trainval",
                  image_size: int = 28) -> None:
         super().__init__(n_way, k_shot, q_queries, train_episodes, test_episodes, tasks_per_item, seed, train_way,
                          train_shot, test_ways or [5, 20], test_shot, test_queries, val_episodes, eval_seed)
@@ -366,7 +373,8 @@ class MiniImageNet(_EpisodicData):
 
     def __init__(self, root: str | None = None, subdir: str = "miniimagenet", n_way: int = 5, k_shot: int = 1,
                  q_queries: int = 15, train_episodes: int = 100_000, test_episodes: int = 600,
-                 tasks_per_item: int = 1, seed: int = 0, train_way: int | None = 30, train_shot: int | None = None,
+                 tasks_per_item: int = 1, seed: int = 0,
+                 train_way: int | Mapping[int, int] | None = 30, train_shot: int | None = None,
                  test_ways: list[int] | None = None, test_shot: int | None = None, test_queries: int | None = 15,
                  val_episodes: int = 100, eval_seed: int = 1234, image_size: int = 84) -> None:
         import csv

@@ -157,6 +157,9 @@ def test_miniimagenet_fixture(tmp_path):
     d = fs.MiniImageNet(root=str(tmp_path), n_way=5, k_shot=1, q_queries=2, train_way=5, test_queries=5,
                         test_episodes=3)
     assert {k: len(v[2]) for k, v in d.pools.items()} == {"train": 5, "val": 5, "test": 5}
+    by_shot = {1: 4, 5: 3}  # the training way picked by shot, as the paper's 30-way 1-shot / 20-way 5-shot
+    assert fs.MiniImageNet(root=str(tmp_path), k_shot=1, q_queries=1, train_way=by_shot).train_way == 4
+    assert fs.MiniImageNet(root=str(tmp_path), k_shot=5, q_queries=1, train_way=by_shot).train_way == 3
     e = d.dataset("train")[0]
     assert e["support"].shape == (5, 3, 84, 84) and e["query"].shape == (10, 3, 84, 84)
     assert 0 <= e["support"].min() and e["support"].max() <= 1
