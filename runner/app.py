@@ -40,36 +40,47 @@ def select_device(hw: Any) -> Any:
     return torch.device(want)
 
 
-def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """The run dir to continue from: the one named, or for `auto` the newest unfinished run of this config."""
+def find_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict | None]:
+    """(run dir to continue from, finished results to reuse).
+
+    `resume=<dir>` continues that run. `resume=auto` looks under this run's outputs/ or multirun/ root for
+    runs of the same config (same digest, seed included): a finished one is reused as is (so a re-launched
+    sweep skips what it already did), else the newest unfinished one with a checkpoint is continued.
+    """
     if not cfg.resume:
-        return None
+        return None, None
     if cfg.resume != "auto":
         src = Path(cfg.resume).expanduser()
-        if not (src / "checkpoints").is_dir() and src.suffix == ".pt":
-            return src
+        if src.suffix == ".pt" and src.is_file():
+            return src, None
         if not (src / "checkpoints" / "last.pt").exists():
             raise ConfigError(f"resume={cfg.resume}: no checkpoints/last.pt there")
-        return src
+        return src, None
     digest = _digest(cfg)
     root = run_dir.parent
     while root.parent != root and root.name not in ("outputs", "multirun"):
         root = root.parent
-    candidates = []
-    for ckpt in root.rglob("checkpoints/last.pt"):
-        d = ckpt.parent.parent
-        if d.resolve() == run_dir.resolve():
-            continue
+    finished, unfinished = [], []
+    for res_path in root.rglob(RESULTS):
+        d = res_path.parent
+        myself = d.resolve() == run_dir.resolve()  # a requeued SLURM job continues in its own dir
         try:
-            res = read_json(d / RESULTS)
+            res = read_json(res_path)
         except (OSError, ValueError):
             continue
-        if res.get("config_digest") == digest and res.get("status") not in FINAL and not res.get("resumed_by"):
-            candidates.append((ckpt.stat().st_mtime, d))
-    if not candidates:
-        log.info("resume=auto: no unfinished run of this config under %s; starting fresh", root)
-        return None
-    return max(candidates)[1]
+        if res.get("config_digest") != digest or res.get("resumed_by"):
+            continue
+        if res.get("status") in FINAL and not res.get("reused_from") and not myself:
+            finished.append((res_path.stat().st_mtime, d, res))
+        elif res.get("status") not in FINAL and (d / "checkpoints" / "last.pt").exists():
+            unfinished.append(((d / "checkpoints" / "last.pt").stat().st_mtime, d))
+    if finished:
+        _, d, res = max(finished, key=lambda t: t[0])
+        return None, dict(res, reused_from=str(d.resolve()))
+    if not unfinished:
+        log.info("resume=auto: no earlier run of this config under %s; starting fresh", root)
+        return None, None
+    return max(unfinished)[1], None
 
 
 def _digest(cfg: DictConfig) -> str:
@@ -120,7 +131,13 @@ def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False) -> dict
         "device": _device_name(device), "world_size": dist.world, "machine": machine(),
         "paper": container.get("paper") or {}, "metrics": {}, "claims": [],
     }
-    resume_dir = find_resume(cfg, run_dir)
+    resume_dir, reuse = find_resume(cfg, run_dir)
+    if reuse is not None:
+        log.info("resume=auto: %s already finished this config; reusing its results", reuse["reused_from"])
+        reuse.update(run_dir=str(run_dir), label=cfg.label)
+        if dist.is_main:
+            write_json(run_dir / RESULTS, reuse)
+        return reuse
     ckpt_state = None
     if resume_dir is not None:
         ckpt_path = resume_dir if resume_dir.suffix == ".pt" else resume_dir / "checkpoints" / (
@@ -143,6 +160,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False) -> dict
     data = instantiate(cfg.dataset, _convert_="object")
     task = instantiate(cfg.model, _convert_="object")
     trainer = Trainer(cfg.trainer, device, run_dir, loggers, int(cfg.seed), dist, wandb_id=loggers.wandb_id)
+    trainer.channels_last = bool(cfg.hardware.channels_last) and device.type == "cuda"
     trainer.install_signal_handlers()
     progress = Progress(cfg.trainer.progress, enabled=dist.is_main)
     failed = False
@@ -216,7 +234,8 @@ def _finish(results: dict, run_dir: Path, t0: float, loggers: Any, dist: Any, fa
         loggers.finish(summary, failed=failed)
     finally:
         write_json(run_dir / RESULTS, results)
-        if resume_dir is not None and resume_dir.is_dir() and (resume_dir / RESULTS).exists():
+        same = resume_dir is not None and resume_dir.resolve() == run_dir.resolve()
+        if resume_dir is not None and not same and resume_dir.is_dir() and (resume_dir / RESULTS).exists():
             try:
                 old = read_json(resume_dir / RESULTS)
                 old["resumed_by"] = str(run_dir)

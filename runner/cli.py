@@ -16,7 +16,7 @@ from typing import Any
 log = logging.getLogger("mlrun")
 
 _UID: str | None = None
-VERBS = ("ls", "report", "validate", "sync")
+VERBS = ("ls", "report", "validate", "sync", "reproduce")
 
 
 def _uid() -> str:
@@ -66,6 +66,9 @@ def _job(cfg: Any) -> float | None:
     except (MlrunError, RecordError) as e:
         _fail(f"{cfg.experiment_name}: {e}", multirun)
         return None
+    if hc.sweeper.get("_target_", "").endswith("OptunaSweeper") and not cfg.objective:
+        _fail("a search needs the metric to optimise: set objective=<metric> (e.g. objective=val/acc)", multirun)
+        return float("nan")
     if cfg.objective:
         value = results["metrics"].get(cfg.objective)
         if value is None:
@@ -97,6 +100,7 @@ Usage:
   mlrun ls                                               list the experiments
   mlrun report [DIRS] [--format markdown|csv|json] [--out FILE]   gather results beside the papers' numbers
   mlrun validate                                         compose and check every experiment and preset
+  mlrun reproduce [NAMES] [--readme README.md]           every CPU-scale experiment and study, then the report
   mlrun sync [DIRS]                                      upload finished offline W&B runs
 
 Config groups (choose one with group=option):
@@ -149,6 +153,10 @@ def main(argv: list[str] | None = None) -> None:
             from mlrun.validate import validate_main
 
             sys.exit(validate_main(rest))
+        if verb == "reproduce":
+            from mlrun.reproduce import reproduce_main
+
+            sys.exit(reproduce_main(rest))
         if verb == "sync":
             from mlrun.report import sync_main
 

@@ -20,3 +20,7 @@ class DataError(MlrunError):
             msg += f". {how}"
         super().__init__(msg)
         self.path = path
+
+
+class CheckpointError(MlrunError):
+    """A checkpoint could not be read (truncated, corrupted, not ours) or does not fit this model."""

@@ -89,7 +89,8 @@ class Loggers:
             self.wandb_run = wandb.init(
                 project=cfg.project, entity=cfg.entity, mode=mode, id=self.wandb_id, resume="allow",
                 dir=str(self.run_dir), config=redact(config_dict), tags=list(cfg.tags),
-                name=self.run_dir.name, settings=wandb.Settings(silent=True, console="off"),
+                name=self.run_dir.name,
+                settings=wandb.Settings(silent=True, console="off", init_timeout=float(cfg.init_timeout)),
             )
         except Exception as e:  # noqa: BLE001 - a tracker must never take a run down
             log.warning("W&B could not start (%s: %s); continuing with local records only", type(e).__name__, e)

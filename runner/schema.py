@@ -82,6 +82,8 @@ class LoggerConf:
     mode: str | None = None
     """online, offline or disabled; None: online when logged in, else offline."""
     tags: list[str] = field(default_factory=list)
+    init_timeout: float = 60.0
+    """Seconds W&B may take to start online before the run goes on with local records only."""
     csv: bool = False
     tensorboard: bool = False
 

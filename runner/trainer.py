@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mlrun import distributed
+from mlrun.errors import CheckpointError
 from mlrun.loggers import Loggers
 from mlrun.progress import Progress
 from mlrun.task import DataModule, Task
@@ -39,10 +40,6 @@ class NonFiniteLoss(RuntimeError):
 
 class Interrupted(RuntimeError):
     """SIGINT/SIGTERM: a checkpoint was written and the run can be resumed."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be read or does not fit this model."""
 
 
 # ---------------------------------------------------------------------------------------------- seeding
@@ -160,6 +157,7 @@ class Trainer:
         self._stop_signal: str | None = None
         self._t0 = time.perf_counter()
         self.nonfinite_skipped = 0
+        self.channels_last = False
 
     # ------------------------------------------------------------------ helpers
     def _loader(self, data: DataModule, split: str, stage: str | None, train: bool, cfg: DictConfig,
@@ -297,6 +295,11 @@ class Trainer:
         """Run every stage in order; return the final metrics (val of the last stage, then test)."""
         progress = progress or Progress("none")
         task.to(self.device)
+        if self.channels_last:
+            task.to(memory_format=torch.channels_last)
+        if self.base_cfg.compile:
+            for child in task.children():  # in place: state_dict keys and checkpoints stay the same
+                child.compile()
         task.train()
         if resume is not None:
             self.global_step = resume["position"]["global_step"]
