@@ -68,7 +68,8 @@ def reproduce_main(argv: list[str]) -> int:
               f"with {os.cpu_count()} cores, torch threads as each experiment sets; total {total / 60:.1f} min.\n\n"
               + "| experiment | wall time |\n|---|---|\n"
               + "".join(f"| {n} | {w:.0f} s{' (failed)' if n in failed else ''} |\n" for n, w in walls.items()))
-    body = header + "\n" + to_markdown(results, claims, studies, runs, Path(args.readme).parent if args.readme else root)
+    figures_from = Path(args.readme).parent if args.readme else root
+    body = header + "\n" + to_markdown(results, claims, studies, runs, figures_from)
     (root / "REPORT.md").write_text(body)
     print(f"[reproduce] report: {root / 'REPORT.md'}")
     if args.readme:
