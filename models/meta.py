@@ -153,10 +153,13 @@ def hessian_vector_product(grads: Sequence[Tensor], leaves: Sequence[Tensor], v:
 
 
 def imaml_meta_gradient(net: nn.Module, theta: Params, support: tuple[Tensor, Tensor], query: tuple[Tensor, Tensor],
-                        steps: int, lr: float, lam: float, cg_steps: int, loss_fn: LossFn
-                        ) -> tuple[list[Tensor], Tensor, Tensor]:
+                        steps: int, lr: float, lam: float, cg_steps: int, loss_fn: LossFn, cg_damping: float = 0.0,
+                        lam_damping: float = 0.0) -> tuple[list[Tensor], Tensor, Tensor]:
     """One task's implicit meta-gradient (I + H/λ)^-1 ∇L_query(φ), with φ from `proximal_gd` and H the Hessian of
-    the support loss at φ. Returns (gradient per parameter of θ, query loss, query logits), all detached."""
+    the support loss at φ. Returns (gradient per parameter of θ, query loss, query logits), all detached.
+
+    With damping CG solves ((1 + cg_damping) I + H/(λ + lam_damping)) v = ∇L_query(φ) instead, as the authors' code
+    does (cg_damping 1, lam_damping 10): it keeps the system positive-definite where H has negative curvature."""
     phi = proximal_gd(net, theta, *support, steps, lr, lam, loss_fn)
     leaves = list(phi.values())
     logits = functional_call(net, phi, (query[0],))
@@ -165,7 +168,10 @@ def imaml_meta_gradient(net: nn.Module, theta: Params, support: tuple[Tensor, Te
     s_loss = loss_fn(functional_call(net, phi, (support[0],)), support[1])
     g_support = torch.autograd.grad(s_loss, leaves, create_graph=True)  # one graph, reused by every HVP
 
-    v = conjugate_gradient(lambda u: u + hessian_vector_product(g_support, leaves, u) / lam, g_query, cg_steps)
+    def matvec(u: Tensor) -> Tensor:
+        return (1.0 + cg_damping) * u + hessian_vector_product(g_support, leaves, u) / (lam + lam_damping)
+
+    v = conjugate_gradient(matvec, g_query, cg_steps)
     return [g.detach() for g in _unflat(v, leaves)], q_loss.detach(), logits.detach()
 
 
@@ -393,18 +399,22 @@ class IMAML(MetaLearner):
     Args (beyond `MetaLearner`'s):
         lam: λ, the strength of the proximal term (2.0 in the paper).
         cg_steps: conjugate-gradient iterations (5 in the paper).
+        cg_damping, lam_damping: 0 solves the paper's (I + H/λ) v = g; the authors' code solves
+            ((1 + cg_damping) I + H/(λ + lam_damping)) v = g with 1 and 10.
     """
 
     def __init__(self, learner: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], inner_steps: int = 16,
-                 inner_lr: float = 0.1, lam: float = 2.0, cg_steps: int = 5, test_inner_steps: int | None = None,
+                 inner_lr: float = 0.1, lam: float = 2.0, cg_steps: int = 5, cg_damping: float = 0.0,
+                 lam_damping: float = 0.0, test_inner_steps: int | None = None,
                  memory_steps: Sequence[int] = (1, 5, 10, 20), variant: str = "imaml") -> None:
         super().__init__(learner, optimizer, inner_steps, inner_lr, test_inner_steps, memory_steps, variant)
         self.lam, self.cg_steps = float(lam), int(cg_steps)
+        self.cg_damping, self.lam_damping = float(cg_damping), float(lam_damping)
 
     def meta_gradient(self, support: tuple[Tensor, Tensor], query: tuple[Tensor, Tensor], steps: int
                       ) -> tuple[list[Tensor], Tensor, Tensor]:
         return imaml_meta_gradient(self.learner, params_of(self.learner), support, query, steps, self.inner_lr,
-                                   self.lam, self.cg_steps, self.loss_fn)
+                                   self.lam, self.cg_steps, self.loss_fn, self.cg_damping, self.lam_damping)
 
     def adapt(self, support: tuple[Tensor, Tensor], steps: int) -> Params:
         phi = proximal_gd(self.learner, params_of(self.learner), *support, steps, self.inner_lr, self.lam,

@@ -144,9 +144,10 @@ def test_imaml_meta_gradient_matches_the_closed_form_on_linear_regression():
     torch.testing.assert_close(q_loss, test_loss.detach(), atol=1e-8, rtol=1e-6)
 
 
-def test_imaml_meta_gradient_matches_exact_solve_on_softmax_regression():
+@pytest.mark.parametrize(("cg_damping", "lam_damping"), [(0.0, 0.0), (1.0, 10.0)])
+def test_imaml_meta_gradient_matches_exact_solve_on_softmax_regression(cg_damping, lam_damping):
     """Cross-entropy (H depends on φ): the CG answer against the dense (I + H/λ)^-1 ∇L_test at the same φ, with H
-    from torch.func.hessian."""
+    from torch.func.hessian (and the damped system of the authors' code)."""
     torch.manual_seed(0)
     lam = 2.0
     net = nn.Linear(6, 4)
@@ -155,7 +156,7 @@ def test_imaml_meta_gradient_matches_exact_solve_on_softmax_regression():
     xs, ys = torch.randn(8, 6, generator=g), torch.arange(4).repeat(2)
     xq, yq = torch.randn(12, 6, generator=g), torch.arange(4).repeat(3)
     grads, _, _ = imaml_meta_gradient(net, theta, (xs, ys), (xq, yq), steps=16, lr=0.1, lam=lam, cg_steps=5,
-                                      loss_fn=F.cross_entropy)
+                                      loss_fn=F.cross_entropy, cg_damping=cg_damping, lam_damping=lam_damping)
     phi = {n: p.detach() for n, p in proximal_gd(net, theta, xs, ys, 16, 0.1, lam, F.cross_entropy).items()}
     names = list(phi)
     flat = torch.cat([phi[n].reshape(-1) for n in names])
@@ -174,7 +175,8 @@ def test_imaml_meta_gradient_matches_exact_solve_on_softmax_regression():
         return F.cross_entropy(functional_call(net, unpack(v), (xq,)), yq)
 
     h = hessian(support_loss)(flat)
-    exact = torch.linalg.solve(torch.eye(len(flat)) + h / lam, grad(query_loss)(flat))
+    a = (1 + cg_damping) * torch.eye(len(flat)) + h / (lam + lam_damping)
+    exact = torch.linalg.solve(a, grad(query_loss)(flat))
     assert cosine([torch.cat([t.reshape(-1) for t in grads])], [exact]) >= 0.99
 
 
@@ -330,3 +332,37 @@ def test_summarize_and_figure(tmp_path):
     assert out["imaml/test/acc"] == 0.79
     paths = study_figure(study, tmp_path)
     assert paths[0].exists() and paths[0].stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def test_adapt_takes_sgd_steps_from_theta_and_evaluate_scores_each_episode():
+    from mlrun.datasets.fewshot import FewShotDigits
+
+    torch.manual_seed(0)
+    data = FewShotDigits(q_queries=1, test_queries=3, test_episodes=4, val_episodes=2, tasks_per_item=2)
+    model = MAML(ConvLearner(channels=4, image_size=8), adam, inner_steps=1, inner_lr=0.4, memory_steps=[1, 3])
+    model.on_stage_start("train", data)
+    (xs, ys), (xq, _) = model._probe
+    assert xs.shape == (5, 1, 8, 8) and xq.shape == (5, 1, 8, 8)  # one task of the training meta-batch
+    episodes = [data.dataset("test")[i] for i in range(4)]
+
+    ep = episodes[0]
+    loss = F.cross_entropy(model.learner(ep["support"]), ep["support_y"])
+    by_hand = [p - 0.4 * g for p, g in zip(model.learner.parameters(),
+                                           torch.autograd.grad(loss, list(model.learner.parameters())))]
+    for a, b in zip(model.adapt((ep["support"], ep["support_y"]), 1).values(), by_hand):
+        torch.testing.assert_close(a, b)
+
+    with torch.no_grad():
+        out = model.evaluate(episodes, "test")
+    accs = []
+    for ep in episodes:
+        phi = model.adapt((ep["support"], ep["support_y"]), 1)
+        accs.append(float((functional_call(model.learner, phi, (ep["query"],)).argmax(1) == ep["query_y"]).float()
+                          .mean()))
+    assert out["acc"] == pytest.approx(sum(accs) / 4)
+    assert out["acc_ci95"] == pytest.approx(1.96 * torch.tensor(accs).std().item() / 2)
+    assert 0 < out["saved_mib_k1"] < out["saved_mib_k3"]
+    assert "saved_mib_k1" not in model.evaluate(episodes, "val")
