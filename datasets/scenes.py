@@ -58,12 +58,14 @@ def _tight_box(patch: np.ndarray, threshold: float) -> tuple[int, int, int, int]
 def compose_scene(rng: np.random.Generator, digits: np.ndarray, digit_labels: np.ndarray, canvas: int = 64,
                   min_digits: int = 1, max_digits: int = 5, scale_range: tuple[float, float] = (1.5, 3.0),
                   max_overlap: float = 0.1, clutter: float = 0.1, fragments: int = 2,
-                  ink_threshold: float = 0.2, tries: int = 50) -> Scene:
+                  contrast_range: tuple[float, float] = (1.0, 1.0), ink_threshold: float = 0.2,
+                  tries: int = 50) -> Scene:
     """One scene. digits: [N, 8, 8] in [0, 1] (or [0, 16], rescaled); boxes are tight around each digit's ink.
 
     A digit is placed where its box overlaps every earlier box by IoU <= max_overlap (a digit that finds no
     place in `tries` attempts is dropped, so crowded canvases may hold fewer than drawn). Clutter: Gaussian
     noise of std `clutter / 2` and `fragments` random quarter-crops of other digits at `clutter * 4` intensity.
+    contrast_range: each digit's ink is scaled by a factor drawn from it (faint and bold digits).
     """
     digits = np.asarray(digits, dtype=np.float32)
     if digits.max() > 1.0:
@@ -76,6 +78,8 @@ def compose_scene(rng: np.random.Generator, digits: np.ndarray, digit_labels: np
         size = int(round(8 * rng.uniform(*scale_range)))
         patch = _resize(digits[i], size)
         bx1, by1, bx2, by2 = _tight_box(patch, ink_threshold)
+        if tuple(contrast_range) != (1.0, 1.0):
+            patch = patch * rng.uniform(*contrast_range)
         for _ in range(tries):
             x = int(rng.integers(-bx1, canvas - bx2 + 1))
             y = int(rng.integers(-by1, canvas - by2 + 1))
@@ -107,6 +111,7 @@ def _split_seed(split: str, seed: int) -> list[int]:
 
 def make_scenes(split: str, n: int, seed: int, canvas: int = 64, **kw: Any) -> list[Scene]:
     """n scenes of `split`, deterministic in (split, n, seed, canvas, kw), from that split's digit images only."""
+    kw = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in kw.items()}  # hashable for the cache
     return list(_make_scenes(split, n, seed, canvas, tuple(sorted(kw.items()))))
 
 
@@ -119,8 +124,7 @@ def _make_scenes(split: str, n: int, seed: int, canvas: int, kw: tuple) -> tuple
     images, labels = load_digits_arrays()
     idx = split_indices()[split]
     rng = np.random.default_rng(_split_seed(split, seed))
-    opts = {k: tuple(v) if isinstance(v, list) else v for k, v in kw}
-    return tuple(compose_scene(rng, images[idx] / 16.0, labels[idx], canvas=canvas, **opts) for _ in range(n))
+    return tuple(compose_scene(rng, images[idx] / 16.0, labels[idx], canvas=canvas, **dict(kw)) for _ in range(n))
 
 
 class SceneDataset(Dataset):
