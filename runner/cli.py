@@ -57,6 +57,8 @@ def _job(cfg: Any) -> float | None:
     from mlrun.records import RecordError
 
     run_dir = Path(hc.runtime.output_dir)
+    if "Joblib" in str(hc.launcher.get("_target_", "")) and cfg.hardware.nproc_per_node * cfg.hardware.nnodes > 1:
+        cfg.hardware.start_method = "fork"  # spawned workers cannot start from inside a loky worker process
     try:
         results = run_experiment(cfg, run_dir)
     except RunFailed as e:

@@ -55,8 +55,10 @@ def test_optuna_search_finishes_three_trials_and_records_the_best(tmp_path):
     assert "model.optimizer.lr" in best["best_params"]
 
 
-def test_a_multirun_of_two_ddp_jobs_leaves_two_run_dirs(tmp_path):
-    mlrun("-m", *BASE, "hardware=ddp", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sw'}", cwd=tmp_path)
+@pytest.mark.parametrize("launcher", ["basic", "local"])
+def test_a_multirun_of_two_ddp_jobs_leaves_two_run_dirs(launcher, tmp_path):
+    mlrun("-m", *BASE, "hardware=ddp", "seed=0,1", f"hydra/launcher={launcher}", f"hydra.sweep.dir={tmp_path / 'sw'}",
+          cwd=tmp_path)
     runs = completed_runs(tmp_path / "sw")
     assert len(runs) == 2 and all(r["world_size"] == 2 and r["ddp_replicas_identical"] for r in runs)
     assert sorted(p.name for p in (tmp_path / "sw").iterdir() if p.is_dir()) == ["0_run_s0", "1_run_s1"]
