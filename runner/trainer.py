@@ -476,18 +476,16 @@ class Trainer:
             distributed.average_gradients(params)
         if scaler is not None:
             scaler.unscale_(opt)
-        grads = [p.grad for p in params if p.grad is not None]
-        if cfg.clip_grad_norm is not None and grads:
-            norm = torch.nn.utils.clip_grad_norm_(params, float(cfg.clip_grad_norm))
-        elif grads and scaler is None:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        else:
-            norm = torch.zeros(())
+        finite = None
+        if cfg.clip_grad_norm is not None:
+            finite = torch.isfinite(torch.nn.utils.clip_grad_norm_(params, float(cfg.clip_grad_norm)))
         if scaler is None:
-            finite = torch.isfinite(norm)
+            # The loss is checked every step (one scalar); gradients when clipping computes their norm anyway.
+            # A gradient that turns non-finite under a finite loss makes the next step's loss non-finite.
             if loss is not None:
-                finite = finite & torch.isfinite(loss.detach()).all()
-            if not bool(finite):
+                lf = torch.isfinite(loss.detach()).all()
+                finite = lf if finite is None else finite & lf
+            if finite is not None and not bool(finite):
                 value = float(loss.detach().float().mean()) if loss is not None else float("nan")
                 if cfg.on_nan == "skip":
                     self.nonfinite_skipped += 1
