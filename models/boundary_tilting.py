@@ -262,18 +262,21 @@ class BoundaryTilting(Task):
             "err": 1 - float(correct.float().mean()), "train_err": float(self.train_err),
             "train_in_margin": float(self.train_in_margin), "theta": theta,
             "d_adv": mean_adversarial_distance(delta, theta),
-            "dist_norm": float(boundary_distance(x[correct], w, b).median()) / scale if correct.any() else math.nan,
-            "centroid_err": float((((x @ delta + self.centroid_b) > 0).long() != y).float().mean()),
+                "centroid_err": float((((x @ delta + self.centroid_b) > 0).long() != y).float().mean()),
             "centroid_train_err": float(self.centroid_train_err), "delta_norm": scale, "lam": float(self.lam),
             "flat_pixels": float(self.extra_features),
         }
+        if correct.any():
+            out["dist_norm"] = float(boundary_distance(x[correct], w, b).median()) / scale
         if self.use_mlp and int(self.mlp_steps) > 0:
             ok = (self.mlp_score(x) > 0).long() == y
             out["mlp_err"] = 1 - float(ok.float().mean())
-            if ok.any():
-                eps = minimal_l2_perturbation(self.mlp_score, x[ok], y[ok], self.attack["eps_max"] * scale,
+            if ok.any():  # points not flipped within eps_max count as eps_max (a lower bound): finite metrics
+                eps_max = self.attack["eps_max"] * scale
+                eps = minimal_l2_perturbation(self.mlp_score, x[ok], y[ok], eps_max,
                                               self.attack["search_steps"], self.attack["pgd_steps"])
-                out["mlp_dist_norm"] = float(eps.median()) / scale
+                out["mlp_dist_norm"] = float(eps.clamp(max=eps_max).median()) / scale
+                out["mlp_unflipped"] = float(torch.isinf(eps).float().mean())
         return out
 
     def figures(self, out_dir: Path, data: Any) -> list[Path]:
@@ -342,14 +345,15 @@ def summarize(study: dict, degenerate_gap: float = 0.1) -> dict[str, float]:
     degen = [lam for lam in base if lam not in lams]
     if degen:
         out["lam_degenerate_min"] = min(degen)
-    if "mlp_dist_norm" in base[strong] and "mlp_dist_norm" in base[weak]:
-        mlp = [base[lam]["mlp_dist_norm"] for lam in lams]
-        out.update({"mlp_dist_ratio": base[strong]["mlp_dist_norm"] / base[weak]["mlp_dist_norm"],
-                    "mlp_dist_norm_strong": base[strong]["mlp_dist_norm"],
-                    "mlp_dist_norm_weak": base[weak]["mlp_dist_norm"],
-                    "mlp_spearman_rho": float(spearmanr([-math.log10(lam) for lam in lams], mlp).statistic)})
-        if "mlp_err" in base[weak]:
-            out["mlp_err_weak"] = base[weak]["mlp_err"]
+    # the MLP collapses at a different λ than the SVM: keep the λ where most correct points can be flipped
+    mlp_lams = [lam for lam in lams if base[lam].get("mlp_unflipped", 1.0) < 0.5]
+    if len(mlp_lams) >= 2:
+        ms, mw = max(mlp_lams), min(mlp_lams)
+        mlp = [base[lam]["mlp_dist_norm"] for lam in mlp_lams]
+        out.update({"mlp_lam_strong": ms, "mlp_dist_ratio": base[ms]["mlp_dist_norm"] / base[mw]["mlp_dist_norm"],
+                    "mlp_dist_norm_strong": base[ms]["mlp_dist_norm"], "mlp_dist_norm_weak": base[mw]["mlp_dist_norm"],
+                    "mlp_err_strong": base[ms]["mlp_err"], "mlp_err_weak": base[mw]["mlp_err"],
+                    "mlp_spearman_rho": float(spearmanr([-math.log10(lam) for lam in mlp_lams], mlp).statistic)})
     if weak in flat:
         out.update({"theta_weak_flat": flat[weak]["theta"], "err_weak_flat": flat[weak]["err"],
                     "err_gap_flat": abs(flat[weak]["err"] - base[weak]["err"]),

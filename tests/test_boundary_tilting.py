@@ -219,7 +219,11 @@ def test_summarize_hand_computed():
         (1e4, 0, {"theta": 1.0, "dist_norm": 5.0, "err": 0.5, "d_adv": 1.0, "train_err": 0.5}),
         (1e-2, 8, {"theta": 85.0, "dist_norm": 0.01, "err": 0.025, "d_adv": 0.08}),
     ]
+    for (_, _, m), (d, u) in zip(rows[:4], ((0.1, 0.0), (0.3, 0.0), (0.5, 0.0), (2.0, 1.0))):
+        m.update(mlp_dist_norm=d, mlp_unflipped=u, mlp_err=0.02)
+    rows[2][2]["mlp_unflipped"] = 0.6  # the MLP has collapsed at λ = 1e2: its summary stops at λ = 1
     s = summarize(_study(rows))
+    assert s["mlp_lam_strong"] == 1e0 and s["mlp_dist_ratio"] == pytest.approx(3.0)
     assert s["n_degenerate"] == 1 and s["lam_degenerate_min"] == 1e4
     assert s["spearman_rho"] == pytest.approx(1.0)
     assert (s["theta_strong"], s["theta_weak"]) == (20.0, 70.0)
@@ -252,7 +256,7 @@ def test_digits_weak_regularisation_tilts_more(tmp_path, monkeypatch):
     assert out[1e0]["test/theta"] > out[1e4]["test/theta"] + 10
     assert out[1e0]["test/dist_norm"] < out[1e4]["test/dist_norm"]
     assert out[1e0]["test/err"] <= 0.05 and out[1e4]["test/err"] <= 0.05
-    assert np.isfinite(out[1e0]["test/mlp_dist_norm"])
+    assert np.isfinite(out[1e0]["test/mlp_dist_norm"]) and out[1e0]["test/mlp_unflipped"] == 0.0
 
 
 def test_mnist_pair_with_flat_pixels_from_the_real_format(tmp_path):
