@@ -95,18 +95,18 @@ def test_evaluate_groups_settings_and_reports_ci():
 
 
 def test_training_improves_accuracy_on_new_episodes():
-    """Thirty episodes of training beat the untrained embedding on other episodes of the training classes."""
+    """Twenty episodes of training beat the untrained embedding on other episodes of the training classes."""
     from mlrun.datasets.fewshot import EpisodeDataset, FewShotDigits
 
     torch.manual_seed(0)
     data = FewShotDigits(n_way=5, k_shot=1, q_queries=5)
     x, y, classes = data.pools["train"]
     held_out = [EpisodeDataset(x, y, classes, 5, 1, 5, 20, seed=99)[i] for i in range(20)]
-    task = pn.ProtoNet(pn.ConvEmbedding(hidden=16, ceil_mode=True), partial(torch.optim.Adam, lr=3e-3))
+    task = pn.ProtoNet(pn.ConvEmbedding(hidden=8, pool_blocks=1), partial(torch.optim.Adam, lr=1e-2))
     opt = task.configure_optimizers()["model"]
     before = task.eval().evaluate(held_out, "val")["acc"]
     task.train()
-    for i in range(30):
+    for i in range(20):
         for _, loss in task.training_step(data.dataset("train")[i]):
             opt.zero_grad()
             loss.backward()
