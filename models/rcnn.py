@@ -650,16 +650,16 @@ class RCNN(Task):
                     for b in target["boxes"]:
                         ax.add_patch(plt.Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False,
                                                    color="lime", lw=1))
-                    for j in torch.argsort(scores, descending=True)[:10]:
-                        if scores[j] < 0:
-                            break
+                    top = nms(boxes, scores, self.nms_iou)[: max(len(target["boxes"]), 1) + 2]  # across classes
+                    for j in top:
                         b = boxes[j]
                         ax.add_patch(plt.Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False,
                                                    color="red", lw=1))
                         ax.text(float(b[0]), float(b[1]) - 1, f"{names[int(labels[j])]} {float(scores[j]):.1f}",
                                 color="red", fontsize=7)
                     ax.axis("off")
-            fig.suptitle(f"R-CNN ({variant}) detections with SVM score > 0 (red) and ground truth (green)")
+            fig.suptitle(f"R-CNN ({variant}): top detections (red, digit and SVM score; objects + 2 per image) and "
+                         "ground truth (green)")
             fig.tight_layout()
             paths.append(out_dir / "detections.png")
             fig.savefig(paths[-1], dpi=100)
