@@ -10,21 +10,25 @@ import logging
 import os
 import secrets
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("mlrun")
 
-_UID: str | None = None
 VERBS = ("ls", "report", "validate", "sync", "reproduce")
 
 
-def _uid() -> str:
-    """A per-process random suffix: two runs started in the same second never share a dir."""
-    global _UID
-    if _UID is None:
-        _UID = secrets.token_hex(3)
-    return _UID
+def _stamp() -> str:
+    """`<date>/<time>_<random id>`, fixed once per launch and shared with every job process.
+
+    Kept in the environment so that jobs run by other processes (joblib, submitit, SLURM) resolve the same
+    sweep dir as the launching process, and two launches in the same second still get distinct dirs.
+    """
+    if "MLRUN_STAMP" not in os.environ:
+        now = datetime.now()
+        os.environ["MLRUN_STAMP"] = f"{now:%Y-%m-%d}/{now:%H-%M-%S}_{secrets.token_hex(3)}"
+    return os.environ["MLRUN_STAMP"]
 
 
 def setup() -> None:
@@ -34,8 +38,8 @@ def setup() -> None:
     from mlrun import schema
 
     schema.register()
-    if not OmegaConf.has_resolver("mlrun_uid"):
-        OmegaConf.register_new_resolver("mlrun_uid", _uid)
+    if not OmegaConf.has_resolver("mlrun_stamp"):
+        OmegaConf.register_new_resolver("mlrun_stamp", _stamp)
 
 
 def experiments() -> list[str]:
@@ -164,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
 
             sys.exit(sync_main(rest))
     os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.pop("MLRUN_STAMP", None)  # a new launch, a new stamp (job processes inherit it, never call main)
+    _stamp()
     sys.argv = [sys.argv[0], *argv]
     _hydra_main()
 

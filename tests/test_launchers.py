@@ -31,11 +31,13 @@ def completed_runs(sweep: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
 
 
-def test_joblib_local_launcher_runs_two_jobs(tmp_path):
-    mlrun("-m", *BASE, "seed=0,1", "hydra/launcher=local", f"hydra.sweep.dir={tmp_path / 'sw'}", cwd=tmp_path)
-    runs = completed_runs(tmp_path / "sw")
+def test_joblib_local_launcher_runs_two_jobs_into_one_default_sweep_dir(tmp_path):
+    """Job processes resolve the default timestamped sweep dir exactly as the launching process did."""
+    mlrun("-m", *BASE, "seed=0,1", "hydra/launcher=local", cwd=tmp_path)
+    (sweep,) = (tmp_path / "multirun").glob("*/*")
+    runs = completed_runs(sweep)
     assert [r["seed"] for r in runs] == [0, 1] and all(r["status"] == "completed" for r in runs)
-    assert json.loads((tmp_path / "sw" / "study.json").read_text())["status"] == "completed"
+    assert json.loads((sweep / "study.json").read_text())["status"] == "completed"
 
 
 def test_submitit_local_executor_runs_a_two_job_multirun(tmp_path):
