@@ -171,7 +171,7 @@ CLAIM_COLS = ("experiment", "claim", "measured", "status")
 
 
 def to_markdown(results: list[dict], claims: list[dict], studies: list[dict], runs: list[dict],
-                out_dir: Path | None) -> str:
+                out_dir: Path | None, figures_dir: Path | None = None) -> str:
     def table(rs: list[dict], cols: tuple[str, ...]) -> str:
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(str(r.get(c, "")).replace("|", "\\|") for c in cols) + " |" for r in rs]
@@ -189,6 +189,13 @@ def to_markdown(results: list[dict], claims: list[dict], studies: list[dict], ru
     if figs:
         parts += ["## Figures", ""]
         for exp, path in figs:
+            if figures_dir is not None and path.exists():  # copy, so the report stands without the run dirs
+                import shutil
+
+                figures_dir.mkdir(parents=True, exist_ok=True)
+                copy = figures_dir / f"{exp}_{path.name}"
+                shutil.copyfile(path, copy)
+                path = copy
             shown = Path(_relpath(path, out_dir)) if out_dir else path
             parts += [f"**{exp}**: `{path.name}`", "", f"![{exp} {path.stem}]({shown})", ""]
     return "\n".join(parts)
@@ -228,6 +235,7 @@ def report_main(argv: list[str]) -> int:
     ap.add_argument("dirs", nargs="*", help="run, multirun or parent dirs (default: outputs/ and multirun/)")
     ap.add_argument("--format", choices=("table", "markdown", "csv", "json"), default="table")
     ap.add_argument("--out", help="write to this file (markdown embeds each study's figure)")
+    ap.add_argument("--figures-dir", help="copy the embedded figures here (markdown), e.g. docs/results")
     args = ap.parse_args(argv)
     dirs = [Path(d) for d in (args.dirs or [d for d in DEFAULT_DIRS if Path(d).exists()])]
     missing = [d for d in dirs if not d.exists()]
@@ -245,7 +253,8 @@ def report_main(argv: list[str]) -> int:
         return 0
     fmt = args.format if args.format != "table" else "markdown"
     if fmt == "markdown":
-        text = to_markdown(results, claims, studies, runs, out_path.parent if out_path else None)
+        text = to_markdown(results, claims, studies, runs, out_path.parent if out_path else None,
+                           Path(args.figures_dir) if args.figures_dir else None)
     elif fmt == "json":
         text = json.dumps({"results": results, "claims": claims}, indent=2)
     else:
