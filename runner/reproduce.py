@@ -69,7 +69,8 @@ def reproduce_main(argv: list[str]) -> int:
               + "| experiment | wall time |\n|---|---|\n"
               + "".join(f"| {n} | {w:.0f} s{' (failed)' if n in failed else ''} |\n" for n, w in walls.items()))
     figures_from = Path(args.readme).parent if args.readme else root
-    body = header + "\n" + to_markdown(results, claims, studies, runs, figures_from)
+    figures_dir = figures_from / "docs" / "results" if args.readme else None
+    body = header + "\n" + to_markdown(results, claims, studies, runs, figures_from, figures_dir)
     (root / "REPORT.md").write_text(body)
     print(f"[reproduce] report: {root / 'REPORT.md'}")
     if args.readme:
