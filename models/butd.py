@@ -1,0 +1,363 @@
+"""Bottom-Up and Top-Down attention (Anderson et al. 2018): the VQA model over region features.
+
+Bottom-up features: one vector per detected region, pooled with `torchvision.ops.roi_align` from a CNN trunk,
+plus the box's geometry. Top-down baseline (the paper's ResNet grid): the same trunk's features pooled over a
+fixed G x G grid of cells, with the cells' geometry: the two kinds differ only in which boxes are pooled.
+
+Miniature: the trunk is this module's `Trunk`, trained in a `pretrain` stage to classify the regions of the
+training scenes (digit or background: the detector's classification head, as the paper's Faster R-CNN is trained
+on Visual Genome before its features are frozen); the "detections" are the scenes' ground-truth boxes jittered,
+padded with background boxes (`mlrun.datasets.butd.region_boxes`). At the start of the `vqa` stage the frozen
+trunk's features of every scene are computed once and kept (the paper's cached features). At paper scale the
+items carry the released features and boxes, and there is no trunk stage.
+
+VQA model (the paper's Figure 4): word embedding and a GRU over at most 14 tokens; top-down attention (a gated
+tanh layer over [region; question] then a linear score per region, softmax over the k regions); gated tanh
+projections of the question and the attended feature, fused by a Hadamard product; a gated tanh layer and a
+linear classifier over the candidate answers, trained with binary cross-entropy against soft scores.
+Metric: VQA accuracy min(#annotators who gave the predicted answer / 3, 1), in percent, overall and per type.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mlrun.task import Task
+
+# ------------------------------------------------------------------------------------------- parts
+
+
+class GatedTanh(nn.Module):
+    """y = tanh(W x + b) * sigmoid(W' x + b'): the paper's non-linearity throughout."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+        self.gate = nn.Linear(d_in, d_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.fc(x)) * torch.sigmoid(self.gate(x))
+
+
+def vqa_accuracy(pred: Tensor, answers: Tensor) -> Tensor:
+    """Per question: min(#of the ten answers equal to the prediction / 3, 1). pred [B], answers [B, 10] ids."""
+    return ((answers == pred[:, None]).sum(1).float() / 3.0).clamp(max=1.0)
+
+
+def box_geometry(boxes: Tensor, size: float | Tensor = 1.0) -> Tensor:
+    """(x1, y1, x2, y2, area) normalised by the image size; boxes [..., 4]."""
+    b = boxes / size
+    return torch.cat([b, ((b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]))[..., None]], -1)
+
+
+def grid_boxes(grid: int, size: float) -> Tensor:
+    """The G x G cells of a size x size image as boxes [G*G, 4], row by row."""
+    edges = torch.linspace(0, size, grid + 1)
+    y1, x1 = torch.meshgrid(edges[:-1], edges[:-1], indexing="ij")
+    step = size / grid
+    return torch.stack([x1, y1, x1 + step, y1 + step], -1).reshape(-1, 4)
+
+
+class Trunk(nn.Module):
+    """A small CNN with a stride-4 feature map (the paper's ResNet-101 trunk in miniature)."""
+
+    stride = 4
+
+    def __init__(self, in_channels: int = 1, channels: tuple[int, int, int] = (16, 32, 64)) -> None:
+        super().__init__()
+        c1, c2, c3 = channels
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(),
+        )
+        self.out_channels = c3
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+class Attention(nn.Module):
+    """Top-down attention: a_i = softmax_i(w . f([v_i; q])) over the k regions."""
+
+    def __init__(self, v_dim: int, q_dim: int, hidden: int) -> None:
+        super().__init__()
+        self.f = GatedTanh(v_dim + q_dim, hidden)
+        self.w = nn.Linear(hidden, 1)
+
+    def forward(self, v: Tensor, q: Tensor) -> Tensor:
+        qk = q[:, None].expand(-1, v.shape[1], -1)
+        return torch.softmax(self.w(self.f(torch.cat([v, qk], -1))).squeeze(-1), dim=1)
+
+
+class VQANet(nn.Module):
+    """Question GRU, top-down attention over regions, Hadamard fusion, gated-tanh classifier."""
+
+    def __init__(self, vocab_size: int, num_answers: int, v_dim: int, embed: int = 300, hidden: int = 512,
+                 att_hidden: int = 512, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed, padding_idx=0)
+        self.gru = nn.GRU(embed, hidden, batch_first=True)
+        self.att = Attention(v_dim, hidden, att_hidden)
+        self.fq, self.fv = GatedTanh(hidden, hidden), GatedTanh(v_dim, hidden)
+        self.fo = GatedTanh(hidden, 2 * hidden)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(2 * hidden, num_answers)
+
+    def encode_question(self, tokens: Tensor) -> Tensor:
+        """The GRU's state after the last real token (0 pads the end)."""
+        lengths = (tokens != 0).sum(1).clamp(min=1)
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(tokens), lengths.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        return self.gru(packed)[1][0]
+
+    def forward(self, v: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        q = self.encode_question(tokens)
+        a = self.att(v, q)
+        v_hat = (a[..., None] * v).sum(1)
+        h = self.fq(q) * self.fv(v_hat)
+        return self.out(self.drop(self.fo(h))), a
+
+
+# ------------------------------------------------------------------------------------------- task
+
+
+class BottomUpTopDownVQA(Task):
+    """VQA over bottom-up (region) or grid features, as stages `pretrain` (trunk, miniature only) and `vqa`.
+
+    Args:
+        features: "bottom_up" (detected regions) or "grid" (G x G cells of the same trunk).
+        vocab_size, num_answers: sizes of the question vocabulary and the candidate answers (at least the data's).
+        trunk: the CNN (None at paper scale, where items carry precomputed features).
+        optimizers: stage name -> partial optimizer.
+        grid: cells per side for grid features; pool: roi_align output side; canvas: image side in pixels.
+        qtypes: question types, for accuracy by type.
+        embed, hidden, att_hidden, dropout: VQANet sizes; feature_dim: D of precomputed features (paper scale).
+    """
+
+    def __init__(self, features: str, vocab_size: int, num_answers: int,
+                 optimizers: dict[str, Callable[..., torch.optim.Optimizer]], trunk: nn.Module | None = None,
+                 grid: int = 4, pool: int = 2, canvas: int = 64, feature_dim: int | None = None,
+                 qtypes: tuple[str, ...] = ("count", "presence", "spatial", "superlative"), embed: int = 300,
+                 hidden: int = 512, att_hidden: int = 512, dropout: float = 0.0) -> None:
+        super().__init__()
+        if features not in ("bottom_up", "grid"):
+            raise ValueError(f"features must be 'bottom_up' or 'grid', got {features!r}")
+        self.features, self.grid, self.pool, self.canvas = features, grid, pool, canvas
+        self.trunk = trunk
+        self.qtypes = tuple(qtypes)
+        self.region_head = nn.Linear(trunk.out_channels * pool * pool, 11) if trunk is not None else None
+        v_dim = (trunk.out_channels * pool * pool if trunk is not None else int(feature_dim)) + 5
+        self.vqa = VQANet(vocab_size, num_answers, v_dim, embed, hidden, att_hidden, dropout)
+        self.vocab_size, self.num_answers = vocab_size, num_answers
+        self._optimizers = dict(optimizers)
+        self._cache: dict[str, tuple[Tensor, Tensor]] = {}
+        self._data: Any = None
+
+    # ------------------------------------------------------------------ features
+    def pool_regions(self, fmap: Tensor, boxes: Tensor) -> Tensor:
+        """roi_align of [B, k, 4] pixel boxes from the trunk's map -> [B, k, C * pool * pool]."""
+        from torchvision.ops import roi_align
+
+        b, k = boxes.shape[:2]
+        pooled = roi_align(fmap, list(boxes.float()), self.pool, spatial_scale=1.0 / self.trunk.stride,
+                           sampling_ratio=2, aligned=True)
+        return pooled.reshape(b, k, -1)
+
+    def boxes_for(self, boxes: Tensor) -> Tensor:
+        """The boxes this run pools: the detections, or the grid's cells."""
+        if self.features == "bottom_up":
+            return boxes
+        return grid_boxes(self.grid, self.canvas).to(boxes)[None].expand(len(boxes), -1, -1)
+
+    @torch.no_grad()
+    def extract(self, images: Tensor, boxes: Tensor, batch: int = 128) -> tuple[Tensor, Tensor]:
+        """Frozen features [N, k, D + 5] (pooled trunk features and box geometry) and the boxes used."""
+        was = self.trunk.training
+        self.trunk.eval()
+        feats, used = [], []
+        for i in range(0, len(images), batch):
+            bx = self.boxes_for(boxes[i : i + batch])
+            v = self.pool_regions(self.trunk(images[i : i + batch]), bx)
+            feats.append(torch.cat([v, box_geometry(bx, self.canvas)], -1))
+            used.append(bx)
+        self.trunk.train(was)
+        return torch.cat(feats), torch.cat(used)
+
+    def _regions(self, batch: dict[str, Any], split: str) -> Tensor:
+        if "features" in batch:  # paper scale: precomputed features, boxes normalised to [0, 1]
+            return torch.cat([batch["features"], box_geometry(batch["boxes"])], -1)
+        if split not in self._cache:
+            images, boxes = self._data.images(split), self._data.regions(split)[0]
+            device = next(self.parameters()).device
+            self._cache[split] = self.extract(images.to(device), boxes.to(device))
+        return self._cache[split][0][batch["scene"]]
+
+    # ------------------------------------------------------------------ stages
+    def on_stage_start(self, stage: str, data: Any) -> None:
+        super().on_stage_start(stage, data)
+        self._data = data
+        self._cache = {}
+        if stage == "vqa":
+            if self.trunk is not None:
+                self.trunk.requires_grad_(False)
+            words, answers = len(getattr(data, "vocab", [])), len(getattr(data, "answers", []))
+            if words > self.vocab_size or answers > self.num_answers:
+                from mlrun.errors import ConfigError
+
+                raise ConfigError(f"the data have {words} words and {answers} answers; set model.vocab_size >= "
+                                  f"{words} and model.num_answers >= {answers}")
+
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        if self.stage == "pretrain":
+            params = list(self.trunk.parameters()) + list(self.region_head.parameters())
+        elif self.stage == "vqa":
+            params = list(self.vqa.parameters())
+        else:
+            raise ValueError(f"BUTD has no stage {self.stage!r}: expected pretrain or vqa")
+        return {"model": self._optimizers[self.stage](params)}
+
+    def training_step(self, batch: Any) -> Iterator[tuple[str, Tensor | None]]:
+        if self.stage == "pretrain":
+            images, boxes, labels = batch
+            logits = self.region_head(self.pool_regions(self.trunk(images), boxes))
+            loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+            self.log("region_acc", (logits.argmax(-1) == labels).float().mean())
+            yield "model", loss
+            return
+        logits, _ = self.vqa(self._regions(batch, "train"), batch["question"])
+        # the paper's soft-score BCE, summed over answers (scaled by their number as in the authors' code)
+        yield "model", F.binary_cross_entropy_with_logits(logits, batch["target"]) * logits.shape[1]
+
+    @torch.no_grad()
+    def evaluate(self, loader: Any, split: str) -> dict[str, float]:
+        if self.stage == "pretrain":
+            hit = total = 0
+            for images, boxes, labels in loader:
+                pred = self.region_head(self.pool_regions(self.trunk(images), boxes)).argmax(-1)
+                hit += int((pred == labels).sum())
+                total += labels.numel()
+            return {"region_acc": 100.0 * hit / max(total, 1)}
+        scores, types = [], []
+        for batch in loader:
+            logits, _ = self.vqa(self._regions(batch, split), batch["question"])
+            scores.append(vqa_accuracy(logits.argmax(1), batch["answers"]))
+            types.append(batch["qtype"])
+        acc, qtype = torch.cat(scores), torch.cat(types)
+        out = {"acc": 100.0 * float(acc.mean())}
+        for i, name in enumerate(self.qtypes):
+            mask = qtype == i
+            if mask.any():
+                out[f"acc_{name.replace('/', '_')}"] = 100.0 * float(acc[mask].mean())
+        return out
+
+    # ------------------------------------------------------------------ figures
+    def figures(self, out_dir: Path, data: Any) -> list[Path]:
+        """Test scenes with this run's attention drawn on its regions (boxes) or cells (heat map)."""
+        if self.trunk is None or not hasattr(data, "images"):
+            return []
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ds = data.dataset("test", "vqa")
+        vocab = data.vocab
+        picks = [i for i in range(len(ds)) if ds[i]["qtype"] in (0, 2)][:4]
+        images = data.images("test")
+        fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks), 3.6), squeeze=False)
+        for ax, i in zip(axes[0], picks):
+            item = ds[i]
+            v = self._regions({"scene": torch.tensor([item["scene"]])}, "test")
+            boxes = self._cache["test"][1][item["scene"]].cpu()
+            logits, att = self.vqa(v, item["question"][None])
+            att = att[0].detach().cpu()
+            ax.imshow(images[item["scene"], 0], cmap="gray", vmin=0, vmax=1)
+            if self.features == "grid":
+                g = self.grid
+                ax.imshow(att.reshape(g, g), cmap="inferno", alpha=0.5, extent=(0, self.canvas, self.canvas, 0),
+                          interpolation="nearest")
+            else:
+                for w, (x1, y1, x2, y2) in sorted(zip(att.tolist(), boxes.tolist())):
+                    ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1 + 3 * w,
+                                               color=plt.cm.inferno(0.2 + 0.8 * w / float(att.max()))))
+            q = " ".join(vocab[t] for t in item["question"].tolist() if t)
+            pred = data.answers[int(logits.argmax())]
+            ax.set_title(f"{q}?\npred {pred} (max att {float(att.max()):.2f})", fontsize=8)
+            ax.axis("off")
+        fig.suptitle(f"{self.features} attention")
+        fig.tight_layout()
+        path = out_dir / f"attention_{self.features}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return [path]
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+
+# ------------------------------------------------------------------------------------------- study
+
+
+def summarize(study: dict) -> dict[str, float]:
+    """Median over seeds of bottom-up minus grid, overall and per question type (points)."""
+    import statistics
+
+    by: dict[str, dict[str, list[float]]] = {}
+    for run in study["runs"]:
+        for k, v in (run.get("metrics") or {}).items():
+            if k.startswith("test/acc"):
+                by.setdefault(run["label"], {}).setdefault(k, []).append(v)
+    out: dict[str, float] = {}
+    if "bottom_up" in by and "grid" in by:
+        for k in by["bottom_up"]:
+            if k in by["grid"]:
+                name = k.removeprefix("test/")
+                out[f"gain_{name}"] = statistics.median(by["bottom_up"][k]) - statistics.median(by["grid"][k])
+    return out
+
+
+def study_figure(study: dict, out_dir: Path) -> list[Path]:
+    """VQA accuracy by question type for both feature kinds (median and each seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    by: dict[str, dict[str, list[float]]] = {}
+    for run in study["runs"]:
+        for k, v in (run.get("metrics") or {}).items():
+            if k.startswith("test/acc"):
+                by.setdefault(run["label"], {}).setdefault(k.removeprefix("test/acc").lstrip("_") or "all", []).append(v)
+    if not by:
+        return []
+    keys = sorted({k for d in by.values() for k in d}, key=lambda k: (k != "all", k))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(by)
+    for j, (label, d) in enumerate(sorted(by.items())):
+        x = np.arange(len(keys)) + j * width
+        ax.bar(x, [float(np.median(d.get(k, [np.nan]))) for k in keys], width, label=label)
+        for xi, k in zip(x, keys):
+            ax.scatter([xi] * len(d.get(k, [])), d.get(k, []), color="k", s=6, zorder=3)
+    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, keys)
+    ax.set_ylabel("VQA accuracy (%)")
+    ax.set_title("Bottom-up regions vs grid features (median over seeds; dots: seeds)")
+    ax.legend()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "vqa_by_type.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    (out_dir / "vqa_by_type.json").write_text(json.dumps(by, indent=1))
+    return [path]
