@@ -478,6 +478,7 @@ def study_figure(study: dict[str, Any], out_dir: Path) -> list[Path]:
         ks = sorted(k for m in ms if (k := _k_of(m, "saved_mib_k")) is not None)
         if ks:
             ax_m.plot(ks, [ms[f"test/saved_mib_k{k}"]["median"] for k in ks], "o-", label=label)
+            ax_m.set_xticks(ks)
     ax_m.set(xlabel="inner gradient steps K", ylabel="MiB saved for backward (one task)",
              title="memory of one meta-gradient")
     ax_m.legend()
