@@ -1,0 +1,119 @@
+"""Bottom-Up Top-Down VQA: metric, attention, gated tanh, geometry and pooling against hand-computed values."""
+
+import torch
+from torch import nn
+
+from mlrun.models.butd import (
+    Attention,
+    BottomUpTopDownVQA,
+    GatedTanh,
+    Trunk,
+    VQANet,
+    box_geometry,
+    grid_boxes,
+    summarize,
+    vqa_accuracy,
+)
+
+
+def test_vqa_accuracy_hand_computed():
+    answers = torch.tensor([[1] * 10, [1, 1, 2, 2, 2, 2, 2, 2, 2, 2], [3, 0, 0, 0, 0, 0, 0, 0, 0, 0], [5] * 10])
+    pred = torch.tensor([1, 1, 3, 4])
+    assert torch.allclose(vqa_accuracy(pred, answers), torch.tensor([1.0, 2 / 3, 1 / 3, 0.0]))
+    # three matching answers are enough for full credit
+    assert vqa_accuracy(torch.tensor([7]), torch.tensor([[7, 7, 7, 0, 0, 0, 0, 0, 0, 0]])).item() == 1.0
+
+
+def test_gated_tanh_matches_formula():
+    torch.manual_seed(0)
+    g = GatedTanh(3, 2)
+    x = torch.randn(4, 3)
+    expected = torch.tanh(x @ g.fc.weight.T + g.fc.bias) * torch.sigmoid(x @ g.gate.weight.T + g.gate.bias)
+    assert torch.allclose(g(x), expected)
+    with torch.no_grad():  # a closed gate gives 0 whatever the tanh branch says
+        g.gate.bias.fill_(-1e4)
+    assert g(x).abs().max() < 1e-6
+
+
+def test_attention_sums_to_one_and_follows_the_score():
+    torch.manual_seed(0)
+    att = Attention(v_dim=5, q_dim=3, hidden=4)
+    v, q = torch.randn(2, 7, 5), torch.randn(2, 3)
+    a = att(v, q)
+    assert a.shape == (2, 7)
+    assert torch.allclose(a.sum(1), torch.ones(2))
+    assert (a > 0).all()
+    scores = att.w(att.f(torch.cat([v, q[:, None].expand(-1, 7, -1)], -1))).squeeze(-1)
+    assert torch.allclose(a, torch.softmax(scores, 1))
+
+
+def test_grid_boxes_and_geometry():
+    boxes = grid_boxes(2, 64)
+    assert torch.equal(boxes, torch.tensor([[0, 0, 32, 32], [32, 0, 64, 32], [0, 32, 32, 64], [32, 32, 64, 64.0]]))
+    geo = box_geometry(torch.tensor([[16.0, 0.0, 48.0, 16.0]]), 64)
+    assert torch.allclose(geo, torch.tensor([[0.25, 0.0, 0.75, 0.25, 0.125]]))
+
+
+def test_question_encoding_ignores_padding():
+    torch.manual_seed(0)
+    net = VQANet(vocab_size=10, num_answers=3, v_dim=4, embed=5, hidden=6, att_hidden=4)
+    short = torch.tensor([[3, 4, 0, 0]])
+    q = net.encode_question(short)
+    # the GRU run by hand over the two real tokens only
+    _, h = net.gru(net.embed(torch.tensor([[3, 4]])))
+    assert torch.allclose(q, h[0], atol=1e-6)
+
+
+def _task(features: str) -> BottomUpTopDownVQA:
+    return BottomUpTopDownVQA(features, vocab_size=8, num_answers=4, optimizers={}, trunk=Trunk(1, (4, 4, 4)),
+                              grid=2, pool=1, canvas=16, embed=4, hidden=6, att_hidden=4)
+
+
+def test_region_pooling_equals_mean_of_the_box_on_the_feature_map():
+    torch.manual_seed(0)
+    task = _task("bottom_up")
+    fmap = torch.arange(16.0).reshape(1, 1, 4, 4)
+    task.trunk.stride = 4
+    # box covering feature cells (1..2, 1..2) in pixels of stride 4: mean of those four cells
+    pooled = task.pool_regions(fmap, torch.tensor([[[4.0, 4.0, 12.0, 12.0]]]))
+    assert torch.allclose(pooled, fmap[0, 0, 1:3, 1:3].mean().reshape(1, 1, 1))
+
+
+def test_grid_and_bottom_up_pool_their_own_boxes():
+    torch.manual_seed(0)
+    images = torch.rand(3, 1, 16, 16)
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [4.0, 4.0, 12.0, 16.0]]).expand(3, -1, -1)
+    v_bu, used_bu = _task("bottom_up").extract(images, boxes)
+    v_grid, used_grid = _task("grid").extract(images, boxes)
+    assert v_bu.shape == (3, 2, 4 + 5) and v_grid.shape == (3, 4, 4 + 5)
+    assert torch.equal(used_bu, boxes)
+    assert torch.equal(used_grid[0], grid_boxes(2, 16))
+
+
+def test_vqa_stage_learns_a_feature_lookup():
+    """With features that hold the answer in one region, the model reaches full accuracy in a few hundred steps."""
+    torch.manual_seed(0)
+    n, k = 64, 3
+    answer = torch.randint(0, 4, (n,))
+    v = torch.randn(n, k, 4) * 0.1
+    v[torch.arange(n), 0, :] = nn.functional.one_hot(answer, 4).float()
+    net = VQANet(vocab_size=5, num_answers=4, v_dim=4, embed=4, hidden=16, att_hidden=8)
+    opt = torch.optim.Adamax(net.parameters(), lr=0.01)
+    tokens = torch.tensor([[1, 2, 0]]).expand(n, -1)
+    target = nn.functional.one_hot(answer, 4).float()
+    for _ in range(300):
+        logits, _ = net(v, tokens)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (net(v, tokens)[0].argmax(1) == answer).float().mean() == 1.0
+
+
+def test_summarize_gain_is_median_difference():
+    runs = [{"label": "bottom_up", "metrics": {"test/acc": a, "test/acc_count": c}} for a, c in [(60, 50), (70, 55),
+                                                                                                   (65, 40)]]
+    runs += [{"label": "grid", "metrics": {"test/acc": a, "test/acc_count": c}} for a, c in [(50, 30), (55, 35),
+                                                                                             (52, 32)]]
+    out = summarize({"runs": runs})
+    assert out == {"gain_acc": 65 - 52, "gain_acc_count": 50 - 32}
