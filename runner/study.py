@@ -15,6 +15,7 @@ median, draws the figure and writes study.json. `gather` can be re-run on any sw
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,11 @@ def group(runs: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
         g = out.setdefault(r["label"], {})
         for k, v in r["metrics"].items():
             try:
-                g.setdefault(k, []).append(float(v))
+                value = float(v)
             except (TypeError, ValueError):
                 continue
+            if math.isfinite(value):  # a diverged run's inf/nan is in its results.json, not in the medians
+                g.setdefault(k, []).append(value)
     return out
 
 

@@ -194,3 +194,10 @@ def test_ddp_two_gloo_workers_match_one_process_on_the_global_batch(tmp_path):
     la = [r["train/model_loss"] for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if "train/model_loss" in r]
     lb = [r["train/model_loss"] for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "train/model_loss" in r]
     assert la == pytest.approx(lb, rel=1e-5)  # the logged loss is the global batch's mean
+
+
+def test_study_statistics_skip_non_finite_values():
+    from mlrun.study import group
+
+    runs = [{"label": "a", "status": "completed", "metrics": {"m": v}} for v in (1.0, "inf", "nan", 3.0)]
+    assert group(runs) == {"a": {"m": [1.0, 3.0]}}
