@@ -399,6 +399,7 @@ class BSO(Task):
     Args:
         net: the encoder-decoder (a `_target_`; vocabulary sizes come from the dataset config).
         optimizer: a partial optimizer, built afresh at each stage (as the paper starts BSO with new state).
+        stage_lr: optional learning rate per stage name, overriding the optimizer's (e.g. {train: 0.001}).
         loss: "xent" (seq2seq) or "bso", used in every stage but `pretrain_stage` (always cross-entropy).
         successors: "all" or "permutation" (word ordering's constraint), in training search and decoding.
         beam_start, max_beam, epochs_per_beam: the beam curriculum (2, +1 every 2 epochs, up to K_test + 1).
@@ -411,7 +412,7 @@ class BSO(Task):
                  successors: str = "all", pretrain_stage: str = "pretrain", beam_start: int = 2, max_beam: int = 6,
                  epochs_per_beam: float = 2.0, margin: float = 1.0, cost: str = "zero_one", cost_scale: float = 1.0,
                  val_beams: Sequence[int] = (5,), test_beams: Sequence[int] = (1, 5, 10), max_len_a: float = 1.0,
-                 max_len_b: int = 5) -> None:
+                 max_len_b: int = 5, stage_lr: dict[str, float] | None = None) -> None:
         super().__init__()
         if loss not in ("xent", "bso"):
             raise ValueError(f"loss={loss!r}: expected 'xent' or 'bso'")
@@ -424,6 +425,7 @@ class BSO(Task):
         self.margin, self.cost, self.cost_scale = margin, cost, cost_scale
         self.val_beams, self.test_beams = list(val_beams), list(test_beams)
         self.max_len_a, self.max_len_b = max_len_a, max_len_b
+        self.stage_lr = dict(stage_lr or {})
         self.stage_steps: dict[str, int] = {}
         self.steps_per_epoch = 1
         self.vocab: Vocab | None = None
@@ -450,7 +452,8 @@ class BSO(Task):
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {"model": self._optimizer(self.net.parameters())}
+        extra = {"lr": self.stage_lr[self.stage]} if self.stage in self.stage_lr else {}
+        return {"model": self._optimizer(self.net.parameters(), **extra)}
 
     def xent(self, batch: dict[str, Tensor]) -> Tensor:
         memory, state = self.net.encode(batch["src"], batch["src_len"])

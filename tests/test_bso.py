@@ -257,3 +257,12 @@ def test_summarize_reports_gains_over_seq2seq():
 
     study = {"groups": {"xent_all": group(20.0, 22.0, 23.0), "bso_all": group(21.0, 24.5, 26.0)}}
     assert summarize(study) == pytest.approx({"gain_k1": 1.0, "gain_k5": 2.5, "gain_k10": 3.0})
+
+
+def test_each_stage_gets_a_fresh_optimizer_with_its_own_learning_rate():
+    task = BSO(tiny_net(0), lambda params, lr=0.003: torch.optim.Adam(params, lr=lr), stage_lr={"train": 0.001})
+    data = SimpleNamespace(tgt_vocab=None, batch_size=10, dataset=lambda split, stage=None: range(100))
+    task.on_stage_start("pretrain", data)
+    assert task.configure_optimizers()["model"].param_groups[0]["lr"] == 0.003
+    task.on_stage_start("train", data)
+    assert task.configure_optimizers()["model"].param_groups[0]["lr"] == 0.001
