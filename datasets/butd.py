@@ -372,18 +372,18 @@ class VQA2(DataModule):
         features/{train,val}.h5   (see `write_features_hdf5`; `tsv_to_hdf5` converts the authors' TSV)
 
     Candidate answers: training answers given at least `min_answer_count` times (the paper's 9, about 3k).
-    'test' is the val split (the paper's single-model number is on val).
+    'test' is val2014 (the paper's single-model number is on val); there is no separate 'val'.
     """
 
     qtypes = ("yes/no", "number", "other")
 
     def __init__(self, root: str | None = None, min_answer_count: int = 9, max_len: int = 14,
-                 batch_size: int | None = 512, eval_batch_size: int | None = 512, num_workers: int = 0) -> None:
+                 batch_size: int | None = 512, eval_batch_size: int | None = 512) -> None:
         from mlrun.datasets.vision import data_root
 
         self.root = data_root(root) / "vqa2"
         self.min_answer_count, self.max_len = min_answer_count, max_len
-        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self._qa: dict[str, list[dict[str, Any]]] = {}
 
     def _load(self, split: str) -> list[dict[str, Any]]:
@@ -414,9 +414,9 @@ class VQA2(DataModule):
         return build_vocab([q["question"] for q in self._load("train")])
 
     def dataset(self, split: str, stage: str | None = None) -> Dataset:
-        split = {"test": "val", "val": "val", "train": "train"}.get(split)
-        if split is None:
+        if split not in ("train", "test"):  # the paper reports val2014 as its held-out split: our 'test'
             raise KeyError(split)
+        split = {"test": "val", "train": "train"}[split]
         vocab = {w: i for i, w in enumerate(self.vocab)}
         answer_index = {a: i for i, a in enumerate(self.answers)}
         items = []

@@ -234,7 +234,8 @@ class BottomUpTopDownVQA(Task):
             return
         logits, _ = self.vqa(self._regions(batch, "train"), batch["question"])
         # the paper's soft-score BCE, summed over answers (scaled by their number as in the authors' code)
-        yield "model", F.binary_cross_entropy_with_logits(logits, batch["target"]) * logits.shape[1]
+        target = F.pad(batch["target"], (0, logits.shape[1] - batch["target"].shape[1]))  # unused outputs: 0
+        yield "model", F.binary_cross_entropy_with_logits(logits, target) * logits.shape[1]
 
     @torch.no_grad()
     def evaluate(self, loader: Any, split: str) -> dict[str, float]:
@@ -338,7 +339,8 @@ def study_figure(study: dict, out_dir: Path) -> list[Path]:
     for run in study["runs"]:
         for k, v in (run.get("metrics") or {}).items():
             if k.startswith("test/acc"):
-                by.setdefault(run["label"], {}).setdefault(k.removeprefix("test/acc").lstrip("_") or "all", []).append(v)
+                key = k.removeprefix("test/acc").lstrip("_") or "all"
+                by.setdefault(run["label"], {}).setdefault(key, []).append(v)
     if not by:
         return []
     keys = sorted({k for d in by.values() for k in d}, key=lambda k: (k != "all", k))
