@@ -226,14 +226,14 @@ def test_evaluate_is_deterministic_and_in_range():
 
 
 def test_digits_run_moves_both_players_and_records_the_bound(in_tmp):
-    """Through the shared trainer: two steps move D (trunk, both heads) and G, each at its own learning rate;
+    """Through the shared trainer: one step moves D (trunk, both heads) and G, each at its own learning rate;
     L_I is logged during training, the metrics and traversal figures are written."""
     from hydra.utils import instantiate
 
     from mlrun import compose, run
     from mlrun.trainer import seed_everything
 
-    overrides = ["logger=none", "trainer.max_steps=2", "trainer.log_every=1", "trainer.progress=none",
+    overrides = ["logger=none", "trainer.max_steps=1", "trainer.log_every=1", "trainer.progress=none",
                  "hardware.threads=1", "model.eval_samples=32", "model.traversal_steps=3",
                  "model.generator.hidden=16", "model.trunk.hidden=16"]
     res = run("infogan_digits", overrides, run_dir=in_tmp / "r")
@@ -243,15 +243,15 @@ def test_digits_run_moves_both_players_and_records_the_bound(in_tmp):
     instantiate(cfg.dataset, _convert_="object")
     init = instantiate(cfg.model, _convert_="object").state_dict()
     after = torch.load(in_tmp / "r" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    # an Adam step moves each weight by at most its optimizer's lr: G's 1e-3, D's (and Q's) 2e-4
+    # Adam's first step moves each weight by its optimizer's lr (m/sqrt(v) = sign(g)): G's 1e-3, D's and Q's 2e-4
     for part, lr in [("generator.net.0.weight", 1e-3), ("generator.net.6.weight", 1e-3), ("trunk.net.1.weight", 2e-4),
                      ("d_head.weight", 2e-4), ("q_head.3.weight", 2e-4)]:
         moved = (after[part] - init[part]).abs().max().item()
-        assert 0.5 * lr < moved <= 2.02 * lr, (part, moved)
+        assert moved == pytest.approx(lr, rel=0.01), (part, moved)
 
     rows = [json.loads(line) for line in (in_tmp / "r" / "metrics.jsonl").read_text().splitlines()]
     logged = [r["train/mi_lower_bound"] for r in rows if "train/mi_lower_bound" in r]
-    assert len(logged) == 2 and all(math.isfinite(v) for v in logged)
+    assert len(logged) == 1 and math.isfinite(logged[0]) and logged[0] <= LN10  # never above H(c)
     for key in ("test/accuracy", "test/mi_lower_bound", "val/accuracy"):
         assert key in res["metrics"]
     assert sorted(res["figures"]) == ["figures/traversal_c1.png", "figures/traversal_c2.png"]
