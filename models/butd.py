@@ -362,4 +362,20 @@ def study_figure(study: dict, out_dir: Path) -> list[Path]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     (out_dir / "vqa_by_type.json").write_text(json.dumps(by, indent=1))
-    return [path]
+    paths = [path]
+    # the first seed's attention maps of both kinds, side by side (each run drew its own in figures/)
+    found = {}
+    for run in sorted(study["runs"], key=lambda r: r.get("seed", 0)):
+        png = Path(run.get("dir", "")) / "figures" / f"attention_{run['label']}.png"
+        if png.exists():
+            found.setdefault(run["label"], png)
+    if found:
+        fig, axes = plt.subplots(len(found), 1, figsize=(12, 4 * len(found)), squeeze=False)
+        for ax, (_label, png) in zip(axes[:, 0], sorted(found.items())):
+            ax.imshow(plt.imread(png))
+            ax.axis("off")
+        fig.tight_layout()
+        paths.append(out_dir / "attention_grid_vs_bottom_up.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
