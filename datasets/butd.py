@@ -465,3 +465,42 @@ def write_vqa2_fixture(root: str | Path, n_images: int = 3, k: int = 36, dim: in
                                    base64.b64encode(feats.tobytes()).decode()]) + "\n")
         tsv_to_hdf5(tsv, root / "features" / f"{split}.h5")
     return root.parent
+
+
+# ------------------------------------------------------------------------------------ digit-scene captions
+
+BOS, EOS = "<bos>", "<eos>"
+
+
+class DigitCaptions(DigitVQA):
+    """Captions of digit scenes (2-3 phrasings each) over the same scenes and regions as `DigitVQA`.
+
+    Training items are (scene, caption) pairs: {"scene", "tokens" [max_len + 2] = <bos> words <eos> <pad>...};
+    evaluation items are scenes: {"scene", "refs": index into `references(split)`}.
+    """
+
+    def __init__(self, caption_len: int = 16, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.caption_len = caption_len
+
+    @property
+    def vocab(self) -> list[str]:
+        words = build_vocab([c for caps in self.captions("train") for c in caps])
+        return words[:2] + [BOS, EOS] + words[2:]
+
+    def references(self, split: str) -> list[list[str]]:
+        return self.captions(split)
+
+    def dataset(self, split: str, stage: str | None = None) -> Dataset:
+        if stage == "pretrain":
+            return super().dataset(split, stage)
+        if split != "train":
+            return SceneQA([{"scene": i} for i in range(len(self.captions(split)))])
+        vocab = {w: i for i, w in enumerate(self.vocab)}
+        items = []
+        for i, caps in enumerate(self.captions(split)):
+            for c in caps:
+                ids = [vocab[BOS]] + [vocab.get(w, 1) for w in tokenize(c)][: self.caption_len] + [vocab[EOS]]
+                ids += [0] * (self.caption_len + 2 - len(ids))
+                items.append({"scene": i, "tokens": torch.tensor(ids, dtype=torch.long)})
+        return SceneQA(items)

@@ -379,3 +379,155 @@ def study_figure(study: dict, out_dir: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
     return paths
+
+
+# ------------------------------------------------------------------------------------------- captioning
+
+
+class TopDownCaptioner(nn.Module):
+    """The paper's two-LSTM decoder (Figure 3): an attention LSTM reads [language LSTM state; mean feature;
+    previous word], attends over the regions; a language LSTM reads [attended feature; attention LSTM state]."""
+
+    def __init__(self, vocab_size: int, v_dim: int, embed: int = 1000, hidden: int = 1000, att_hidden: int = 512,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed, padding_idx=0)
+        self.att_lstm = nn.LSTMCell(hidden + v_dim + embed, hidden)
+        self.lang_lstm = nn.LSTMCell(v_dim + hidden, hidden)
+        self.w_v, self.w_h = nn.Linear(v_dim, att_hidden, bias=False), nn.Linear(hidden, att_hidden)
+        self.w_a = nn.Linear(att_hidden, 1, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden, vocab_size)
+        self.hidden = hidden
+
+    def init_state(self, v: Tensor) -> tuple[Tensor, ...]:
+        z = v.new_zeros(len(v), self.hidden)
+        return z, z, z, z
+
+    def step(self, v: Tensor, word: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
+        """One word: log-probabilities of the next word [B, V], the new state, the attention [B, k]."""
+        h1, c1, h2, c2 = state
+        h1, c1 = self.att_lstm(torch.cat([h2, v.mean(1), self.embed(word)], -1), (h1, c1))
+        a = torch.softmax(self.w_a(torch.tanh(self.w_v(v) + self.w_h(h1)[:, None])).squeeze(-1), 1)
+        h2, c2 = self.lang_lstm(torch.cat([(a[..., None] * v).sum(1), h1], -1), (h2, c2))
+        return torch.log_softmax(self.out(self.drop(h2)), -1), (h1, c1, h2, c2), a
+
+    def forward(self, v: Tensor, tokens: Tensor) -> Tensor:
+        """Teacher forcing: log-probabilities [B, T, V] of tokens[:, 1:] given tokens[:, :-1]."""
+        state, out = self.init_state(v), []
+        for t in range(tokens.shape[1] - 1):
+            logp, state, _ = self.step(v, tokens[:, t], state)
+            out.append(logp)
+        return torch.stack(out, 1)
+
+    @torch.no_grad()
+    def beam_search(self, v: Tensor, bos: int, eos: int, beam: int = 3, max_len: int = 16) -> list[list[int]]:
+        """Per image, the highest-scoring sequence (sum of log-probabilities) among `beam` hypotheses."""
+        results = []
+        for i in range(len(v)):
+            vi = v[i : i + 1]
+            hyps = [([bos], 0.0, self.init_state(vi))]
+            done: list[tuple[list[int], float]] = []
+            for _ in range(max_len + 1):
+                cand = []
+                for seq, score, state in hyps:
+                    logp, new, _ = self.step(vi, torch.tensor([seq[-1]], device=v.device), state)
+                    top = logp[0].topk(beam)
+                    cand += [(seq + [int(w)], score + float(s), new) for s, w in zip(top.values, top.indices)]
+                cand.sort(key=lambda c: -c[1])
+                hyps = []
+                for seq, score, state in cand:
+                    (done if seq[-1] == eos else hyps).append((seq, score) if seq[-1] == eos else (seq, score, state))
+                    if len(hyps) == beam:
+                        break
+                if not hyps or (len(done) >= beam and max(s for _, s in done) >= hyps[0][1]):
+                    break
+            best = max(done or [(h[0], h[1]) for h in hyps], key=lambda c: c[1])[0]
+            results.append([w for w in best[1:] if w != eos])
+        return results
+
+
+def caption_scores(candidates: dict[int, str], references: dict[int, list[str]],
+                   meteor: bool = True) -> dict[str, float]:
+    """pycocoevalcap BLEU-4, CIDEr, ROUGE-L, and METEOR where Java is installed (SPICE is skipped: it downloads
+    Stanford CoreNLP at first use, which fails offline). Captions are already tokenised (lower case, spaces)."""
+    import shutil
+    import warnings
+
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    res = {k: [c] for k, c in candidates.items()}
+    gts = {k: list(r) for k, r in references.items()}
+    out = {"BLEU4": Bleu(4).compute_score(gts, res, verbose=0)[0][3], "CIDEr": Cider().compute_score(gts, res)[0],
+           "ROUGE_L": Rouge().compute_score(gts, res)[0]}
+    if meteor and shutil.which("java"):
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        out["METEOR"] = Meteor().compute_score(gts, res)[0]
+    elif meteor:
+        warnings.warn("METEOR skipped: no java on PATH", stacklevel=2)
+    warnings.warn("SPICE skipped: it needs Stanford CoreNLP files, downloaded at first use (offline here)",
+                  stacklevel=2)
+    return {k: 100.0 * float(v) for k, v in out.items()}
+
+
+class BottomUpTopDownCaption(Task):
+    """Captioning over bottom-up or grid features, stages `pretrain` (the trunk, as for VQA) and `caption`
+    (cross-entropy); evaluation decodes with beam search and scores with pycocoevalcap."""
+
+    pool_regions = BottomUpTopDownVQA.pool_regions
+    boxes_for = BottomUpTopDownVQA.boxes_for
+    extract = BottomUpTopDownVQA.extract
+    _regions = BottomUpTopDownVQA._regions
+
+    def __init__(self, features: str, vocab_size: int, optimizers: dict[str, Callable[..., torch.optim.Optimizer]],
+                 trunk: nn.Module, grid: int = 4, pool: int = 2, canvas: int = 64, embed: int = 1000,
+                 hidden: int = 1000, att_hidden: int = 512, dropout: float = 0.0, beam: int = 3,
+                 max_len: int = 16, meteor: bool = True) -> None:
+        super().__init__()
+        self.features, self.grid, self.pool, self.canvas = features, grid, pool, canvas
+        self.trunk = trunk
+        self.region_head = nn.Linear(trunk.out_channels * pool * pool, 11)
+        self.decoder = TopDownCaptioner(vocab_size, trunk.out_channels * pool * pool + 5, embed, hidden, att_hidden,
+                                        dropout)
+        self._optimizers = dict(optimizers)
+        self.beam, self.max_len, self.meteor = beam, max_len, meteor
+        self._cache: dict[str, tuple[Tensor, Tensor]] = {}
+        self._data: Any = None
+
+    def on_stage_start(self, stage: str, data: Any) -> None:
+        super().on_stage_start(stage, data)
+        self._data, self._cache = data, {}
+        if stage == "caption":
+            self.trunk.requires_grad_(False)
+
+    def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        if self.stage == "pretrain":
+            params = list(self.trunk.parameters()) + list(self.region_head.parameters())
+        else:
+            params = list(self.decoder.parameters())
+        return {"model": self._optimizers[self.stage](params)}
+
+    def training_step(self, batch: Any) -> Iterator[tuple[str, Tensor | None]]:
+        if self.stage == "pretrain":
+            yield from BottomUpTopDownVQA.training_step(self, batch)
+            return
+        tokens = batch["tokens"]
+        logp = self.decoder(self._regions(batch, "train"), tokens)
+        yield "model", F.nll_loss(logp.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=0)
+
+    @torch.no_grad()
+    def evaluate(self, loader: Any, split: str) -> dict[str, float]:
+        if self.stage == "pretrain":
+            return BottomUpTopDownVQA.evaluate(self, loader, split)
+        vocab = self._data.vocab
+        refs = self._data.references(split)
+        cands: dict[int, str] = {}
+        for batch in loader:
+            seqs = self.decoder.beam_search(self._regions(batch, split), vocab.index("<bos>"), vocab.index("<eos>"),
+                                            self.beam, self.max_len)
+            for i, seq in zip(batch["scene"].tolist(), seqs):
+                cands[i] = " ".join(vocab[w] for w in seq) or "<empty>"
+        return caption_scores(cands, {i: refs[i] for i in cands}, self.meteor)

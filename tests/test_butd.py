@@ -1,5 +1,6 @@
 """Bottom-Up Top-Down VQA: metric, attention, gated tanh, geometry and pooling against hand-computed values."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -117,3 +118,36 @@ def test_summarize_gain_is_median_difference():
                                                                                              (52, 32)]]
     out = summarize({"runs": runs})
     assert out == {"gain_acc": 65 - 52, "gain_acc_count": 50 - 32}
+
+
+def test_captioner_teacher_forcing_matches_steps_and_beam1_is_greedy():
+    from mlrun.models.butd import TopDownCaptioner
+
+    torch.manual_seed(0)
+    dec = TopDownCaptioner(vocab_size=7, v_dim=5, embed=4, hidden=6, att_hidden=4).eval()
+    v, tokens = torch.randn(2, 3, 5), torch.tensor([[2, 4, 5, 3], [2, 6, 3, 0]])
+    logp = dec(v, tokens)
+    state = dec.init_state(v)
+    for t in range(3):
+        step, state, a = dec.step(v, tokens[:, t], state)
+        assert torch.allclose(logp[:, t], step, atol=1e-6)
+        assert torch.allclose(a.sum(1), torch.ones(2)) and torch.allclose(step.exp().sum(1), torch.ones(2))
+    greedy, state, word = [], dec.init_state(v[:1]), torch.tensor([2])
+    for _ in range(5):
+        step, state, _ = dec.step(v[:1], word, state)
+        word = step.argmax(1)
+        if word.item() == 3:
+            break
+        greedy.append(word.item())
+    assert dec.beam_search(v[:1], bos=2, eos=3, beam=1, max_len=4)[0] == greedy[:5]
+
+
+@pytest.mark.filterwarnings("ignore:SPICE skipped")
+def test_caption_scores_hand_checked():
+    from mlrun.models.butd import caption_scores
+
+    refs = {0: ["a 3 and a 7", "two digits : a 3 and a 7"], 1: ["a single 5", "one digit : a 5"]}
+    perfect = caption_scores({0: "two digits : a 3 and a 7", 1: "one digit : a 5"}, refs, meteor=False)
+    wrong = caption_scores({0: "a single 5", 1: "a 3 and a 7"}, refs, meteor=False)
+    assert abs(perfect["BLEU4"] - 100.0) < 1e-3 and perfect["ROUGE_L"] > 99.9
+    assert perfect["CIDEr"] > wrong["CIDEr"] and wrong["BLEU4"] < 1.0
