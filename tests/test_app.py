@@ -201,3 +201,14 @@ def test_study_statistics_skip_non_finite_values():
 
     runs = [{"label": "a", "status": "completed", "metrics": {"m": v}} for v in (1.0, "inf", "nan", 3.0)]
     assert group(runs) == {"a": {"m": [1.0, 3.0]}}
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("infogan_digits", ["model.eval_samples=32", "model.traversal_steps=3"]),  # two optimizers (GAN)
+    ("protonet_digits", ["dataset.test_episodes=4", "dataset.val_episodes=2", "model.embedding.hidden=8",
+                         "dataset.train_way=5", "dataset.q_queries=2"]),  # episodic: episodes split across ranks
+])
+def test_other_loop_shapes_run_under_ddp_with_identical_replicas(name, extra, tmp_path):
+    res = run(name, [*FAST, "hardware=ddp", "trainer.step_limit=4", "trainer.eval_every=0", "trainer.log_every=2",
+                     "trainer.limit_eval_batches=2", *extra], run_dir=tmp_path / "r")
+    assert res["status"] == "completed" and res["world_size"] == 2 and res["ddp_replicas_identical"] is True
