@@ -19,8 +19,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-START, END = "<!-- results:start -->", "<!-- results:end -->"
-
 
 def has_sweep(name: str) -> bool:
     from importlib.resources import files
@@ -74,13 +72,10 @@ def reproduce_main(argv: list[str]) -> int:
     (root / "REPORT.md").write_text(body)
     print(f"[reproduce] report: {root / 'REPORT.md'}")
     if args.readme:
-        readme = Path(args.readme)
-        text = readme.read_text()
-        if START in text and END in text:
-            pre, rest = text.split(START, 1)
-            _, post = rest.split(END, 1)
-            readme.write_text(pre + START + "\n" + body.replace("## ", "### ") + "\n" + END + post)
-            print(f"[reproduce] updated {readme}")
+        from mlrun.report import replace_section
+
+        if replace_section(Path(args.readme), body):
+            print(f"[reproduce] updated {args.readme}")
         else:
-            print(f"[reproduce] {readme} has no {START} ... {END} section; left as is", file=sys.stderr)
+            print(f"[reproduce] {args.readme} has no results markers; left as is", file=sys.stderr)
     return 1 if failed else 0
