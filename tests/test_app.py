@@ -84,7 +84,7 @@ def test_resume_auto_finds_the_unfinished_run(tmp_path, monkeypatch):
     res = run("digits_classifier", [*over, "resume=auto"], run_dir=tmp_path / "outputs" / "b")
     assert res["resumed_from"] == str(tmp_path / "outputs" / "a")
     res = run("digits_classifier", [*over, "resume=auto"], run_dir=tmp_path / "outputs" / "c")
-    assert "resumed_from" not in res  # a was resumed already, b completed: nothing left to continue
+    assert res["reused_from"] == str((tmp_path / "outputs" / "b").resolve())  # b finished this config: reused
 
 
 def test_checkpoint_from_another_model_is_refused_with_the_mismatch(tmp_path):
