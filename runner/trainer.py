@@ -322,7 +322,10 @@ class Trainer:
                    progress: Progress) -> None:
         name = spec.get("name", "train")
         # A plain dataclass, not a DictConfig: the hot loop reads these keys every step (~10 µs each otherwise).
-        cfg = self.cfg = OmegaConf.to_object(self._stage_cfg(spec))
+        from mlrun.schema import TrainerConf
+
+        typed = OmegaConf.merge(OmegaConf.structured(TrainerConf), self._stage_cfg(spec))  # also for untyped sources
+        cfg = self.cfg = OmegaConf.to_object(typed)
         task.on_stage_start(name, data)
         task.to(self.device)
         optimizers = task.configure_optimizers() or {}
