@@ -315,8 +315,11 @@ class Trainer:
 
     def _stage_cfg(self, spec: dict[str, Any]) -> DictConfig:
         overrides = {k: v for k, v in spec.items() if k not in ("name", "batch_size", "split")}
-        cfg = OmegaConf.merge(self.base_cfg, overrides)
-        return cfg
+        # Resolve against the whole run config first: keys such as ${dataset.batch_size} live outside `trainer`.
+        base = self.base_cfg
+        if OmegaConf.is_config(base):
+            base = OmegaConf.to_container(base, resolve=True)
+        return OmegaConf.merge(base, overrides)
 
     def _fit_stage(self, task: Task, data: DataModule, index: int, spec: dict[str, Any], resume: dict | None,
                    progress: Progress) -> None:
@@ -324,8 +327,7 @@ class Trainer:
         # A plain dataclass, not a DictConfig: the hot loop reads these keys every step (~10 µs each otherwise).
         from mlrun.schema import TrainerConf
 
-        typed = OmegaConf.merge(OmegaConf.structured(TrainerConf), self._stage_cfg(spec))  # also for untyped sources
-        cfg = self.cfg = OmegaConf.to_object(typed)
+        cfg = self.cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainerConf), self._stage_cfg(spec)))
         task.on_stage_start(name, data)
         task.to(self.device)
         optimizers = task.configure_optimizers() or {}
