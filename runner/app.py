@@ -175,7 +175,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False) -> dict
             stage_list = stages_of(cfg)
             task.on_stage_start(stage_list[-1].get("name", "train"), data)
             task.to(device)
-            trainer.cfg = trainer.base_cfg
+            results["evaluated_step"] = ckpt_state["position"]["global_step"]
             metrics = trainer.evaluate(task, data, "val", None, cfg.trainer)
         else:
             metrics = trainer.fit(task, data, stages_of(cfg), resume=ckpt_state, progress=progress)

@@ -158,6 +158,8 @@ class Trainer:
         self._t0 = time.perf_counter()
         self.nonfinite_skipped = 0
         self.channels_last = False
+        self.cfg: Any = None  # the current stage's settings (a TrainerConf)
+        self._bad_evals = 0
 
     # ------------------------------------------------------------------ helpers
     def _loader(self, data: DataModule, split: str, stage: str | None, train: bool, cfg: DictConfig,
@@ -225,7 +227,7 @@ class Trainer:
         torch.save(state, buf)
         path = self.ckpt_dir / name
         write_atomic(path, buf.getvalue())
-        keep = int(self.cfg.keep_last) if hasattr(self, "cfg") else 0
+        keep = int(self.cfg.keep_last) if self.cfg is not None else 0
         if name == "last.pt" and keep > 0:
             step_path = self.ckpt_dir / f"step-{self.global_step:08d}.pt"
             write_atomic(step_path, buf.getvalue())
@@ -543,7 +545,7 @@ class Trainer:
                 self._bad_evals = 0
                 save("best.pt")
             else:
-                self._bad_evals = getattr(self, "_bad_evals", 0) + 1
+                self._bad_evals += 1
                 if cfg.patience is not None and self._bad_evals >= cfg.patience and not final:
                     log.info("early stop: %s did not improve for %d evaluations", cfg.monitor, self._bad_evals)
                     return True

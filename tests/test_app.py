@@ -24,6 +24,20 @@ def params(run_dir: Path) -> dict[str, torch.Tensor]:
     return Trainer.load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
 
 
+def stop_after(monkeypatch, steps: int, signal_name: str):
+    """Make the trainer see `signal_name` after `steps` optimizer steps, as its SIGINT/SIGTERM handler would."""
+    original = Trainer._step
+
+    def step(self, *args):
+        out = original(self, *args)
+        if self.global_step == steps - 1:  # global_step is incremented right after _step returns
+            self._stop_signal = signal_name
+        return out
+
+    monkeypatch.setattr(Trainer, "_step", step)
+    return original
+
+
 def test_results_and_metrics_records(tmp_path):
     res = run("digits_classifier", [*FAST, "trainer.max_steps=30", "trainer.log_every=10"], run_dir=tmp_path / "r")
     on_disk = json.loads((tmp_path / "r" / "results.json").read_text())
@@ -41,15 +55,7 @@ def test_interrupted_then_resumed_equals_uninterrupted_bit_for_bit(tmp_path, mon
     over = [*FAST, "trainer.max_steps=40", "model.net.dropout=0.3", "seed=3"]  # dropout: the RNG state matters
     run("digits_classifier", over, run_dir=tmp_path / "full")
 
-    original = Trainer._step
-
-    def stop_at_20(self, task, batch, cfg, *args):
-        out = original(self, task, batch, cfg, *args)
-        if self.global_step == 19:
-            self._stop_signal = "SIGINT"
-        return out
-
-    monkeypatch.setattr(Trainer, "_step", stop_at_20)
+    original = stop_after(monkeypatch, 20, "SIGINT")
     with pytest.raises(RunFailed) as e:
         run("digits_classifier", over, run_dir=tmp_path / "part")
     assert e.value.code == 130
@@ -69,15 +75,7 @@ def test_interrupted_then_resumed_equals_uninterrupted_bit_for_bit(tmp_path, mon
 def test_resume_auto_finds_the_unfinished_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     over = [*FAST, "trainer.max_steps=10"]
-    original = Trainer._step
-
-    def stop_at_5(self, task, batch, cfg, *args):
-        out = original(self, task, batch, cfg, *args)
-        if self.global_step == 4:
-            self._stop_signal = "SIGTERM"
-        return out
-
-    monkeypatch.setattr(Trainer, "_step", stop_at_5)
+    original = stop_after(monkeypatch, 5, "SIGTERM")
     with pytest.raises(RunFailed):
         run("digits_classifier", over, run_dir=tmp_path / "outputs" / "a")
     monkeypatch.setattr(Trainer, "_step", original)
