@@ -321,29 +321,35 @@ def tsv_to_hdf5(tsv: str | Path, out: str | Path) -> Path:
 
 
 class FeatureStore:
-    """Reads one split's HDF5 features lazily (the file is opened in each worker on first use)."""
+    """Reads precomputed features lazily from one or more HDF5 files in our layout (COCO's train2014 and val2014
+    images live in separate files); each file is opened in each worker on first use."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, *paths: Path) -> None:
         import h5py
 
-        self.path = path
-        with h5py.File(path, "r") as f:
-            self.index = {int(i): n for n, i in enumerate(f["image_ids"][:])}
-            self.image_wh = np.stack([f["image_w"][:], f["image_h"][:]], 1).astype(np.float32)
-        self._file = None
+        self.paths = list(paths)
+        self.index: dict[int, tuple[int, int]] = {}
+        wh = []
+        for p, path in enumerate(self.paths):
+            with h5py.File(path, "r") as f:
+                self.index.update({int(i): (p, n) for n, i in enumerate(f["image_ids"][:])})
+                wh.append(np.stack([f["image_w"][:], f["image_h"][:]], 1).astype(np.float32))
+        self.image_wh = wh
+        self._files: list[Any] | None = None
 
     def __call__(self, image_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [k, D] and boxes [k, 4] normalised to [0, 1] by the image's size."""
         import h5py
 
-        if self._file is None:
-            self._file = h5py.File(self.path, "r")
-        n = self.index[image_id]
-        boxes = torch.from_numpy(self._file["boxes"][n].astype(np.float32))
-        wh = torch.from_numpy(self.image_wh[n]).repeat(2)
-        return torch.from_numpy(self._file["features"][n].astype(np.float32)), boxes / wh
+        if self._files is None:
+            self._files = [h5py.File(path, "r") for path in self.paths]
+        p, n = self.index[image_id]
+        boxes = torch.from_numpy(self._files[p]["boxes"][n].astype(np.float32))
+        wh = torch.from_numpy(self.image_wh[p][n]).repeat(2)
+        return torch.from_numpy(self._files[p]["features"][n].astype(np.float32)), boxes / wh
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_file": None}
+        return {**self.__dict__, "_files": None}
 
 
 class FeatureQA(Dataset):
@@ -433,8 +439,6 @@ class VQA2(DataModule):
 def write_vqa2_fixture(root: str | Path, n_images: int = 3, k: int = 36, dim: int = 16) -> Path:
     """A tiny VQA v2 in the real layout: both JSON files per split and the features as the authors' TSV
     converted to HDF5 (the TSV is kept beside it)."""
-    import base64
-
     root = Path(root) / "vqa2"
     (root / "features").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -455,16 +459,23 @@ def write_vqa2_fixture(root: str | Path, n_images: int = 3, k: int = 36, dim: in
                                                 for j, a in enumerate(answers)]})
         (root / f"v2_OpenEnded_mscoco_{name}_questions.json").write_text(json.dumps({"questions": questions}))
         (root / f"v2_mscoco_{name}_annotations.json").write_text(json.dumps({"annotations": annotations}))
-        tsv = root / "features" / f"{split}_36.tsv"
-        with open(tsv, "w") as f:
-            for image_id in ids:
-                xy = rng.uniform(0, 300, (k, 2)).astype(np.float32)
-                boxes = np.concatenate([xy, xy + rng.uniform(10, 100, (k, 2)).astype(np.float32)], 1)
-                feats = rng.random((k, dim)).astype(np.float32)
-                f.write("\t".join([str(image_id), "640", "480", str(k), base64.b64encode(boxes.tobytes()).decode(),
-                                   base64.b64encode(feats.tobytes()).decode()]) + "\n")
-        tsv_to_hdf5(tsv, root / "features" / f"{split}.h5")
+        _write_feature_fixture(root / "features" / f"{split}.h5", ids, rng, k, dim)
     return root.parent
+
+
+def _write_feature_fixture(out: Path, ids: list[int], rng: np.random.Generator, k: int, dim: int) -> Path:
+    """Random boxes and features for `ids` as the authors' TSV (kept beside), converted to our HDF5 layout."""
+    import base64
+
+    tsv = out.with_name(out.stem + "_36.tsv")
+    with open(tsv, "w") as f:
+        for image_id in ids:
+            xy = rng.uniform(0, 300, (k, 2)).astype(np.float32)
+            boxes = np.concatenate([xy, xy + rng.uniform(10, 100, (k, 2)).astype(np.float32)], 1)
+            feats = rng.random((k, dim)).astype(np.float32)
+            f.write("\t".join([str(image_id), "640", "480", str(k), base64.b64encode(boxes.tobytes()).decode(),
+                               base64.b64encode(feats.tobytes()).decode()]) + "\n")
+    return tsv_to_hdf5(tsv, out)
 
 
 # ------------------------------------------------------------------------------------ digit-scene captions
@@ -485,8 +496,7 @@ class DigitCaptions(DigitVQA):
 
     @property
     def vocab(self) -> list[str]:
-        words = build_vocab([c for caps in self.captions("train") for c in caps])
-        return words[:2] + [BOS, EOS] + words[2:]
+        return caption_vocab([c for caps in self.captions("train") for c in caps])
 
     def references(self, split: str) -> list[list[str]]:
         return self.captions(split)
@@ -497,10 +507,114 @@ class DigitCaptions(DigitVQA):
         if split != "train":
             return SceneQA([{"scene": i} for i in range(len(self.captions(split)))])
         vocab = {w: i for i, w in enumerate(self.vocab)}
-        items = []
-        for i, caps in enumerate(self.captions(split)):
-            for c in caps:
-                ids = [vocab[BOS]] + [vocab.get(w, 1) for w in tokenize(c)][: self.caption_len] + [vocab[EOS]]
-                ids += [0] * (self.caption_len + 2 - len(ids))
-                items.append({"scene": i, "tokens": torch.tensor(ids, dtype=torch.long)})
-        return SceneQA(items)
+        return SceneQA([{"scene": i, "tokens": caption_tokens(c, vocab, self.caption_len)}
+                        for i, caps in enumerate(self.captions(split)) for c in caps])
+
+
+def caption_tokens(caption: str, vocab: dict[str, int], max_len: int) -> torch.Tensor:
+    """<bos> words (at most max_len, unknown ones <unk>) <eos>, padded with <pad> to max_len + 2."""
+    ids = [vocab[BOS]] + [vocab.get(w, 1) for w in tokenize(caption)][:max_len] + [vocab[EOS]]
+    return torch.tensor(ids + [0] * (max_len + 2 - len(ids)), dtype=torch.long)
+
+
+def caption_vocab(captions: list[str], min_count: int = 1) -> list[str]:
+    """<pad>, <unk>, <bos>, <eos>, then the words by frequency."""
+    words = build_vocab(captions, min_count)
+    return words[:2] + [BOS, EOS] + words[2:]
+
+
+# ------------------------------------------------------------------------------------ paper scale: COCO captions
+
+KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
+
+
+class COCOCaptions(DataModule):
+    """COCO captions on Karpathy's split (113,287 train incl. restval / 5,000 val / 5,000 test images) with
+    precomputed bottom-up features. Layout under root:
+
+        coco/dataset_coco.json                  Karpathy's split file: images[{cocoid, filepath, split,
+                                                sentences[{tokens, raw}]}]
+        coco/features/{train2014,val2014}.h5    our feature layout (`write_features_hdf5`; `tsv_to_hdf5` converts
+                                                the authors' trainval_36 TSV, split by the images' COCO folder)
+
+    Words seen fewer than `min_word_count` times in training captions become <unk> (Karpathy's 5); captions are
+    cut to `max_len` words. Training items are (image, caption) pairs, all of an image's captions; evaluation
+    items, and training items of the `scst` stage, are images scored against all their references.
+    `features` names the folder of feature files: the ResNet grid baseline is the same layout with the grid's
+    cells as boxes (for example `features=features_resnet_grid`).
+    """
+
+    def __init__(self, root: str | None = None, min_word_count: int = 5, max_len: int = 16,
+                 features: str = "features", batch_size: int | None = 50, eval_batch_size: int | None = 100) -> None:
+        from mlrun.datasets.vision import data_root
+
+        self.root = data_root(root) / "coco"
+        self.features = features
+        self.min_word_count, self.caption_len = min_word_count, max_len
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self._images: list[dict[str, Any]] | None = None
+
+    def _split(self, split: str) -> list[dict[str, Any]]:
+        if self._images is None:
+            path = self.root / "dataset_coco.json"
+            if not path.exists():
+                raise DataError(path, "Karpathy's dataset_coco.json and features/{train2014,val2014}.h5",
+                                "Get dataset_coco.json from cs.stanford.edu/people/karpathy/deepimagesent "
+                                "(caption_datasets.zip) and the 36-box bottom-up features (trainval_36 TSV) from "
+                                "github.com/peteanderson80/bottom-up-attention, then "
+                                "mlrun.datasets.butd.tsv_to_hdf5(tsv, root/'coco/features/<train2014|val2014>.h5')")
+            self._images = json.loads(path.read_text())["images"]
+        return [im for im in self._images if im["split"] in KARPATHY_SPLITS[split]]
+
+    @property
+    def vocab(self) -> list[str]:
+        return caption_vocab([" ".join(s["tokens"]) for im in self._split("train") for s in im["sentences"]],
+                             self.min_word_count)
+
+    def references(self, split: str) -> list[list[str]]:
+        return [[" ".join(s["tokens"]) for s in im["sentences"]] for im in self._split(split)]
+
+    def dataset(self, split: str, stage: str | None = None) -> Dataset:
+        images = self._split(split)
+        folders = sorted({Path(im["filepath"]).name for im in images})
+        paths = [self.root / self.features / f"{name}.h5" for name in folders]
+        for p in paths:
+            if not p.exists():
+                raise DataError(p, "features/{train2014,val2014}.h5 in our layout",
+                                "convert the authors' trainval_36 TSV with mlrun.datasets.butd.tsv_to_hdf5")
+        store = FeatureStore(*paths)
+        if split == "train" and stage != "scst":
+            vocab = {w: i for i, w in enumerate(self.vocab)}
+            items = [{"scene": i, "image_id": im["cocoid"],
+                      "tokens": caption_tokens(" ".join(s["tokens"]), vocab, self.caption_len)}
+                     for i, im in enumerate(images) for s in im["sentences"]]
+        else:
+            items = [{"scene": i, "image_id": im["cocoid"]} for i, im in enumerate(images)]
+        return FeatureQA(items, store)
+
+    def describe(self) -> dict[str, Any]:
+        return {"images": {s: len(self._split(s)) for s in KARPATHY_SPLITS}, "words": len(self.vocab)}
+
+
+def write_coco_caption_fixture(root: str | Path, n_images: int = 8, k: int = 36, dim: int = 16) -> Path:
+    """A tiny COCO-captions in the real layout: Karpathy's dataset_coco.json (all four splits, five sentences an
+    image) and train2014/val2014 features written as the authors' TSV and converted to HDF5."""
+    root = Path(root) / "coco"
+    rng = np.random.default_rng(0)
+    subjects = ["a man", "a dog", "two cats", "a red bus", "a woman"]
+    verbs = ["riding a bike", "sitting on a bench", "standing in the grass", "parked on a street"]
+    splits = ["train", "restval", "val", "test"]
+    images, folders = [], {"train2014": [], "val2014": []}
+    for i in range(n_images):
+        folder = "train2014" if i % 2 == 0 else "val2014"
+        cocoid = 500 + i
+        sentences = [f"{subjects[(i + j) % len(subjects)]} {verbs[(i * j) % len(verbs)]}" for j in range(5)]
+        images.append({"cocoid": cocoid, "filepath": folder, "filename": f"COCO_{folder}_{cocoid:012d}.jpg",
+                       "split": splits[i % len(splits)], "imgid": i,
+                       "sentences": [{"raw": s.capitalize() + ".", "tokens": s.split()} for s in sentences]})
+        folders[folder].append(cocoid)
+    (root / "features").mkdir(parents=True, exist_ok=True)
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    for folder, ids in folders.items():
+        _write_feature_fixture(root / "features" / f"{folder}.h5", ids, rng, k, dim)
+    return root.parent

@@ -327,22 +327,25 @@ def summarize(study: dict) -> dict[str, float]:
     return out
 
 
-def study_figure(study: dict, out_dir: Path) -> list[Path]:
-    """VQA accuracy by question type for both feature kinds (median and each seed)."""
+def _by_label(study: dict, prefix: str) -> dict[str, dict[str, list[float]]]:
+    """{label: {metric suffix: [value per seed]}} for the runs' `prefix*` metrics."""
+    by: dict[str, dict[str, list[float]]] = {}
+    for run in study["runs"]:
+        for k, v in (run.get("metrics") or {}).items():
+            if k.startswith(prefix):
+                key = k.removeprefix(prefix).lstrip("_") or "all"
+                by.setdefault(run["label"], {}).setdefault(key, []).append(v)
+    return by
+
+
+def _bars(by: dict[str, dict[str, list[float]]], ylabel: str, title: str, path: Path) -> Path:
+    """Grouped bars (median over seeds) with each seed as a dot; the numbers beside as JSON."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    by: dict[str, dict[str, list[float]]] = {}
-    for run in study["runs"]:
-        for k, v in (run.get("metrics") or {}).items():
-            if k.startswith("test/acc"):
-                key = k.removeprefix("test/acc").lstrip("_") or "all"
-                by.setdefault(run["label"], {}).setdefault(key, []).append(v)
-    if not by:
-        return []
     keys = sorted({k for d in by.values() for k in d}, key=lambda k: (k != "all", k))
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / len(by)
@@ -352,33 +355,62 @@ def study_figure(study: dict, out_dir: Path) -> list[Path]:
         for xi, k in zip(x, keys):
             ax.scatter([xi] * len(d.get(k, [])), d.get(k, []), color="k", s=6, zorder=3)
     ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, keys)
-    ax.set_ylabel("VQA accuracy (%)")
-    ax.set_title("Bottom-up regions vs grid features (median over seeds; dots: seeds)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "vqa_by_type.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    (out_dir / "vqa_by_type.json").write_text(json.dumps(by, indent=1))
-    paths = [path]
-    # the first seed's attention maps of both kinds, side by side (each run drew its own in figures/)
+    path.with_suffix(".json").write_text(json.dumps(by, indent=1))
+    return path
+
+
+def _side_by_side(study: dict, name: str, path: Path) -> list[Path]:
+    """The first seed's per-run figure `figures/<name>_<label>.png` of each kind, stacked into one image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     found = {}
     for run in sorted(study["runs"], key=lambda r: r.get("seed", 0)):
-        png = Path(run.get("dir", "")) / "figures" / f"attention_{run['label']}.png"
+        png = Path(run.get("dir", "")) / "figures" / f"{name}_{run['label']}.png"
         if png.exists():
             found.setdefault(run["label"], png)
-    if found:
-        fig, axes = plt.subplots(len(found), 1, figsize=(12, 4 * len(found)), squeeze=False)
-        for ax, (_label, png) in zip(axes[:, 0], sorted(found.items())):
-            ax.imshow(plt.imread(png))
-            ax.axis("off")
-        fig.tight_layout()
-        paths.append(out_dir / "attention_grid_vs_bottom_up.png")
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
-    return paths
+    if not found:
+        return []
+    fig, axes = plt.subplots(len(found), 1, figsize=(12, 4 * len(found)), squeeze=False)
+    for ax, (_label, png) in zip(axes[:, 0], sorted(found.items())):
+        ax.imshow(plt.imread(png))
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def study_figure(study: dict, out_dir: Path) -> list[Path]:
+    """VQA accuracy by question type for both feature kinds (median and each seed), and both kinds' attention."""
+    by = _by_label(study, "test/acc")
+    if not by:
+        return []
+    out_dir = Path(out_dir)
+    paths = [_bars(by, "VQA accuracy (%)", "Bottom-up regions vs grid features (median over seeds; dots: seeds)",
+                   out_dir / "vqa_by_type.png")]
+    return paths + _side_by_side(study, "attention", out_dir / "attention_grid_vs_bottom_up.png")
+
+
+def caption_study_figure(study: dict, out_dir: Path) -> list[Path]:
+    """Caption metrics for both feature kinds (median and each seed), and both kinds' captions of test scenes."""
+    by = {label: {k: v for k, v in d.items() if k in ("BLEU4", "CIDEr", "METEOR", "ROUGE_L")}
+          for label, d in _by_label(study, "test/").items()}
+    if not any(by.values()):
+        return []
+    out_dir = Path(out_dir)
+    paths = [_bars(by, "score (x100)", "Captioning: bottom-up regions vs grid (median over seeds; dots: seeds)",
+                   out_dir / "caption_metrics.png")]
+    return paths + _side_by_side(study, "captions", out_dir / "captions_grid_vs_bottom_up.png")
 
 
 # ------------------------------------------------------------------------------------------- captioning
@@ -399,6 +431,7 @@ class TopDownCaptioner(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(hidden, vocab_size)
         self.hidden = hidden
+        self.words = vocab_size  # outputs past the data's vocabulary (vocab_size is an upper bound) are never said
 
     def init_state(self, v: Tensor) -> tuple[Tensor, ...]:
         z = v.new_zeros(len(v), self.hidden)
@@ -410,7 +443,10 @@ class TopDownCaptioner(nn.Module):
         h1, c1 = self.att_lstm(torch.cat([h2, v.mean(1), self.embed(word)], -1), (h1, c1))
         a = torch.softmax(self.w_a(torch.tanh(self.w_v(v) + self.w_h(h1)[:, None])).squeeze(-1), 1)
         h2, c2 = self.lang_lstm(torch.cat([(a[..., None] * v).sum(1), h1], -1), (h2, c2))
-        return torch.log_softmax(self.out(self.drop(h2)), -1), (h1, c1, h2, c2), a
+        logits = self.out(self.drop(h2))
+        if self.words < logits.shape[-1]:
+            logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= self.words, -1e9)
+        return torch.log_softmax(logits, -1), (h1, c1, h2, c2), a
 
     def forward(self, v: Tensor, tokens: Tensor) -> Tensor:
         """Teacher forcing: log-probabilities [B, T, V] of tokens[:, 1:] given tokens[:, :-1]."""
@@ -419,6 +455,25 @@ class TopDownCaptioner(nn.Module):
             logp, state, _ = self.step(v, tokens[:, t], state)
             out.append(logp)
         return torch.stack(out, 1)
+
+    def sample(self, v: Tensor, bos: int, eos: int, max_len: int = 16,
+               greedy: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """Batched decoding by sampling (or argmax): words [B, T], their log-probabilities [B, T] and a mask [B, T]
+        that is 1 up to and including each sequence's <eos> (words after it are <pad> = 0)."""
+        word = torch.full((len(v),), bos, dtype=torch.long, device=v.device)
+        alive = torch.ones(len(v), dtype=torch.bool, device=v.device)
+        state, words, logps, masks = self.init_state(v), [], [], []
+        for _ in range(max_len + 1):
+            logp, state, _ = self.step(v, word, state)
+            word = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(1)
+            word = torch.where(alive, word, torch.zeros_like(word))
+            words.append(word)
+            logps.append(logp.gather(1, word[:, None]).squeeze(1))
+            masks.append(alive.float())
+            alive = alive & (word != eos)
+            if not alive.any():
+                break
+        return torch.stack(words, 1), torch.stack(logps, 1), torch.stack(masks, 1)
 
     @torch.no_grad()
     def beam_search(self, v: Tensor, bos: int, eos: int, beam: int = 3, max_len: int = 16) -> list[list[int]]:
@@ -473,9 +528,33 @@ def caption_scores(candidates: dict[int, str], references: dict[int, list[str]],
     return {k: 100.0 * float(v) for k, v in out.items()}
 
 
+def decode(seq: list[int] | Tensor, vocab: list[str], eos: int) -> str:
+    """Word ids -> a caption, stopping at <eos> and dropping <pad>."""
+    words = []
+    for w in (seq.tolist() if isinstance(seq, Tensor) else seq):
+        if w == eos:
+            break
+        if w:
+            words.append(vocab[w])
+    return " ".join(words) or "<empty>"
+
+
+def cider_per_caption(candidates: list[str], references: list[list[str]]) -> Tensor:
+    """pycocoevalcap's CIDEr of each candidate against its references, as the self-critical reward. The
+    document frequencies come from the references passed (one batch), not the whole training corpus."""
+    from pycocoevalcap.cider.cider import Cider
+
+    keys = range(len(candidates))
+    _, scores = Cider().compute_score({k: list(references[k]) for k in keys}, {k: [candidates[k]] for k in keys})
+    return torch.as_tensor(scores, dtype=torch.float32)
+
+
 class BottomUpTopDownCaption(Task):
-    """Captioning over bottom-up or grid features, stages `pretrain` (the trunk, as for VQA) and `caption`
-    (cross-entropy); evaluation decodes with beam search and scores with pycocoevalcap."""
+    """Captioning over bottom-up or grid features. Stages: `pretrain` (the trunk, miniature only), `caption`
+    (cross-entropy) and, optionally, `scst` (self-critical sequence training: the reward of a sampled caption
+    is its CIDEr minus the greedy caption's, Rennie et al. 2017, as the paper's CIDEr optimisation). Evaluation
+    decodes with beam search and scores with pycocoevalcap. With `trunk=None` (paper scale) the items carry
+    precomputed features of `feature_dim`."""
 
     pool_regions = BottomUpTopDownVQA.pool_regions
     boxes_for = BottomUpTopDownVQA.boxes_for
@@ -483,15 +562,18 @@ class BottomUpTopDownCaption(Task):
     _regions = BottomUpTopDownVQA._regions
 
     def __init__(self, features: str, vocab_size: int, optimizers: dict[str, Callable[..., torch.optim.Optimizer]],
-                 trunk: nn.Module, grid: int = 4, pool: int = 2, canvas: int = 64, embed: int = 1000,
-                 hidden: int = 1000, att_hidden: int = 512, dropout: float = 0.0, beam: int = 3,
-                 max_len: int = 16, meteor: bool = True) -> None:
+                 trunk: nn.Module | None = None, grid: int = 4, pool: int = 2, canvas: int = 64,
+                 feature_dim: int | None = None, embed: int = 1000, hidden: int = 1000, att_hidden: int = 512,
+                 dropout: float = 0.0, beam: int = 3, max_len: int = 16, meteor: bool = True) -> None:
         super().__init__()
+        if features not in ("bottom_up", "grid"):
+            raise ValueError(f"features must be 'bottom_up' or 'grid', got {features!r}")
         self.features, self.grid, self.pool, self.canvas = features, grid, pool, canvas
         self.trunk = trunk
-        self.region_head = nn.Linear(trunk.out_channels * pool * pool, 11)
-        self.decoder = TopDownCaptioner(vocab_size, trunk.out_channels * pool * pool + 5, embed, hidden, att_hidden,
-                                        dropout)
+        self.region_head = nn.Linear(trunk.out_channels * pool * pool, 11) if trunk is not None else None
+        v_dim = (trunk.out_channels * pool * pool if trunk is not None else int(feature_dim)) + 5
+        self.decoder = TopDownCaptioner(vocab_size, v_dim, embed, hidden, att_hidden, dropout)
+        self.vocab_size = vocab_size
         self._optimizers = dict(optimizers)
         self.beam, self.max_len, self.meteor = beam, max_len, meteor
         self._cache: dict[str, tuple[Tensor, Tensor]] = {}
@@ -500,23 +582,99 @@ class BottomUpTopDownCaption(Task):
     def on_stage_start(self, stage: str, data: Any) -> None:
         super().on_stage_start(stage, data)
         self._data, self._cache = data, {}
-        if stage == "caption":
-            self.trunk.requires_grad_(False)
+        if stage in ("caption", "scst"):
+            if self.trunk is not None:
+                self.trunk.requires_grad_(False)
+            words = len(data.vocab)
+            if words > self.vocab_size:
+                from mlrun.errors import ConfigError
+
+                raise ConfigError(f"the captions have {words} words; set model.vocab_size >= {words}")
+            self.decoder.words = words
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         if self.stage == "pretrain":
             params = list(self.trunk.parameters()) + list(self.region_head.parameters())
-        else:
+        elif self.stage in ("caption", "scst"):
             params = list(self.decoder.parameters())
+        else:
+            raise ValueError(f"captioning has no stage {self.stage!r}: expected pretrain, caption or scst")
         return {"model": self._optimizers[self.stage](params)}
 
     def training_step(self, batch: Any) -> Iterator[tuple[str, Tensor | None]]:
         if self.stage == "pretrain":
             yield from BottomUpTopDownVQA.training_step(self, batch)
             return
-        tokens = batch["tokens"]
-        logp = self.decoder(self._regions(batch, "train"), tokens)
-        yield "model", F.nll_loss(logp.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=0)
+        v = self._regions(batch, "train")
+        if self.stage == "caption":
+            tokens = batch["tokens"]
+            logp = self.decoder(v, tokens)
+            yield "model", F.nll_loss(logp.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=0)
+            return
+        # self-critical: REINFORCE with the greedy caption's reward as the baseline
+        vocab = self._data.vocab
+        bos, eos = vocab.index("<bos>"), vocab.index("<eos>")
+        self.decoder.eval()
+        with torch.no_grad():
+            greedy, _, _ = self.decoder.sample(v, bos, eos, self.max_len, greedy=True)
+        self.decoder.train()
+        words, logp, mask = self.decoder.sample(v, bos, eos, self.max_len)
+        refs = self._data.references("train")
+        scene_refs = [refs[i] for i in batch["scene"].tolist()]
+        reward = cider_per_caption([decode(w, vocab, eos) for w in [*words, *greedy]], scene_refs * 2)
+        sampled, baseline = reward[: len(words)], reward[len(words):]
+        self.log("reward", sampled.mean())
+        self.log("greedy_reward", baseline.mean())
+        advantage = (sampled - baseline).to(logp)[:, None]
+        yield "model", -(advantage * logp * mask).sum() / mask.sum()
+
+    @torch.no_grad()
+    def figures(self, out_dir: Path, data: Any) -> list[Path]:
+        """Test scenes with the beam-search caption under each, and the regions (or cells) drawn by the attention
+        they got, averaged over the caption's words."""
+        if self.trunk is None or not hasattr(data, "images"):
+            return []
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        vocab, images, refs = data.vocab, data.images("test"), data.references("test")
+        bos, eos = vocab.index("<bos>"), vocab.index("<eos>")
+        picks = list(range(min(4, len(images))))
+        fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks), 3.9), squeeze=False)
+        was = self.decoder.training
+        self.decoder.eval()
+        for ax, i in zip(axes[0], picks):
+            v = self._regions({"scene": torch.tensor([i])}, "test")
+            seq = self.decoder.beam_search(v, bos, eos, self.beam, self.max_len)[0]
+            state, atts = self.decoder.init_state(v), []
+            for w in [bos, *seq]:  # replay the caption to read its attention
+                _, state, a = self.decoder.step(v, torch.tensor([w], device=v.device), state)
+                atts.append(a[0])
+            att = torch.stack(atts).mean(0).cpu()
+            boxes = self._cache["test"][1][i].cpu()
+            ax.imshow(images[i, 0], cmap="gray", vmin=0, vmax=1)
+            if self.features == "grid":
+                g = self.grid
+                ax.imshow(att.reshape(g, g), cmap="inferno", alpha=0.5, extent=(0, self.canvas, self.canvas, 0),
+                          interpolation="nearest")
+            else:
+                for w, (x1, y1, x2, y2) in sorted(zip(att.tolist(), boxes.tolist())):
+                    ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1 + 3 * w,
+                                               color=plt.cm.inferno(0.2 + 0.8 * w / float(att.max()))))
+            caption = decode(seq, vocab, eos)
+            ax.set_title(f"{caption}\n(ref: {refs[i][0]})", fontsize=7, wrap=True)
+            ax.axis("off")
+        self.decoder.train(was)
+        fig.suptitle(f"{self.features}: beam-search captions, attention averaged over the words")
+        fig.tight_layout()
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"captions_{self.features}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return [path]
 
     @torch.no_grad()
     def evaluate(self, loader: Any, split: str) -> dict[str, float]:
@@ -529,5 +687,5 @@ class BottomUpTopDownCaption(Task):
             seqs = self.decoder.beam_search(self._regions(batch, split), vocab.index("<bos>"), vocab.index("<eos>"),
                                             self.beam, self.max_len)
             for i, seq in zip(batch["scene"].tolist(), seqs):
-                cands[i] = " ".join(vocab[w] for w in seq) or "<empty>"
+                cands[i] = decode(seq, vocab, vocab.index("<eos>"))
         return caption_scores(cands, {i: refs[i] for i in cands}, self.meteor)

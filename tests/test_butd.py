@@ -151,3 +151,70 @@ def test_caption_scores_hand_checked():
     wrong = caption_scores({0: "a single 5", 1: "a 3 and a 7"}, refs, meteor=False)
     assert abs(perfect["BLEU4"] - 100.0) < 1e-3 and perfect["ROUGE_L"] > 99.9
     assert perfect["CIDEr"] > wrong["CIDEr"] and wrong["BLEU4"] < 1.0
+
+
+def test_sampling_log_probs_match_teacher_forcing_and_greedy_matches_beam1():
+    from mlrun.models.butd import TopDownCaptioner
+
+    torch.manual_seed(0)
+    dec = TopDownCaptioner(vocab_size=7, v_dim=5, embed=4, hidden=6, att_hidden=4).eval()
+    v = torch.randn(4, 3, 5)
+    words, logp, mask = dec.sample(v, bos=2, eos=3, max_len=6)
+    # the log-probabilities of the sampled words are the teacher-forced ones of the same sequence
+    tf = dec(v, torch.cat([torch.full((4, 1), 2), words], 1)).gather(2, words[..., None]).squeeze(-1)
+    assert torch.allclose(logp * mask, tf * mask, atol=1e-6)
+    # the mask covers each word up to and including <eos>; after it only <pad>
+    for w, m in zip(words.tolist(), mask.tolist()):
+        n = w.index(3) + 1 if 3 in w else len(w)
+        assert m == [1.0] * n + [0.0] * (len(w) - n) and all(x == 0 for x in w[n:])
+    greedy, _, _ = dec.sample(v, bos=2, eos=3, max_len=6, greedy=True)
+    beam1 = dec.beam_search(v, bos=2, eos=3, beam=1, max_len=6)
+    assert [[x for x in g if x not in (0, 3)] for g in greedy.tolist()] == beam1
+
+
+@pytest.mark.filterwarnings("ignore:SPICE skipped")
+def test_per_caption_cider_averages_to_the_corpus_score():
+    from mlrun.models.butd import caption_scores, cider_per_caption
+
+    refs = [["a 3 and a 7", "two digits : a 3 and a 7"], ["a single 5", "one digit : a 5"], ["an empty canvas"]]
+    cands = ["two digits : a 3 and a 7", "a 3 and a 7", "an empty canvas"]
+    per = cider_per_caption(cands, refs)
+    corpus = caption_scores(dict(enumerate(cands)), dict(enumerate(refs)), meteor=False)["CIDEr"]
+    assert per.shape == (3,) and abs(100 * float(per.mean()) - corpus) < 1e-3
+    assert per[0] > per[1]  # the right caption earns more reward than a wrong one
+
+
+def test_self_critical_loss_is_reinforce_with_the_greedy_baseline():
+    """The SCST loss is -(r(sample) - r(greedy)) log p(sample), averaged over words; one SGD step on it raises
+    the advantage-weighted log-probability of the same samples."""
+    from types import SimpleNamespace
+
+    from mlrun.models.butd import BottomUpTopDownCaption, cider_per_caption, decode
+
+    torch.manual_seed(0)
+    vocab = ["<pad>", "<unk>", "<bos>", "<eos>", "a", "3", "7", "and"]
+    refs = [["a 3 and a 7"], ["a 7"], ["a 3"], ["a 7 and a 3"]]
+    data = SimpleNamespace(vocab=vocab, references=lambda split: refs)
+    task = BottomUpTopDownCaption("bottom_up", vocab_size=8, optimizers={"scst": None}, feature_dim=4,
+                                  embed=8, hidden=16, att_hidden=8, max_len=6)
+    task.on_stage_start("scst", data)
+    batch = {"scene": torch.arange(4), "features": torch.randn(4, 3, 4), "boxes": torch.rand(4, 3, 4)}
+    v = task._regions(batch, "train")
+    greedy = task.decoder.sample(v, 2, 3, 6, greedy=True)[0]  # argmax draws no random numbers
+    torch.manual_seed(1)
+    (name, loss), = list(task.training_step(batch))
+    torch.manual_seed(1)
+    words, logp, mask = task.decoder.sample(v, 2, 3, 6)
+    r = cider_per_caption([decode(w, vocab, 3) for w in [*words, *greedy]], refs * 2)
+    adv = (r[:4] - r[4:])[:, None]
+    assert adv.abs().sum() > 0, "degenerate fixture: every sample scored like its greedy caption"
+    assert name == "model" and torch.allclose(loss, -(adv * logp * mask).sum() / mask.sum())
+
+    def objective() -> torch.Tensor:
+        tf = task.decoder(v, torch.cat([torch.full((4, 1), 2), words], 1)).gather(2, words[..., None]).squeeze(-1)
+        return (adv * tf * mask).sum()
+
+    before = objective().item()
+    loss.backward()
+    torch.optim.SGD(task.decoder.parameters(), lr=0.05).step()
+    assert objective().item() > before

@@ -117,3 +117,40 @@ def test_vqa2_fixture_loads(tmp_path):
 def test_vqa2_missing_data_is_one_clear_error(tmp_path):
     with pytest.raises(DataError, match="visualqa.org"):
         VQA2(root=str(tmp_path)).dataset("train")
+
+
+def test_coco_captions_fixture_loads_karpathy_splits(tmp_path):
+    import h5py
+
+    from mlrun.datasets.butd import COCOCaptions, write_coco_caption_fixture
+
+    root = write_coco_caption_fixture(tmp_path, n_images=8, k=36, dim=16)
+    data = COCOCaptions(root=str(root), min_word_count=1, max_len=5)
+    # images alternate train/restval/val/test: train = train + restval (4 of 8), five sentences each
+    assert data.describe()["images"] == {"train": 4, "val": 2, "test": 2}
+    vocab = data.vocab
+    assert vocab[:4] == ["<pad>", "<unk>", "<bos>", "<eos>"] and "bench" in vocab
+    train = data.dataset("train")
+    assert len(train) == 4 * 5
+    item = train[0]
+    # <bos> a man riding a bike -> cut to 5 words, then <eos>: [bos, a, man, riding, a, bike, eos]
+    words = [vocab[i] for i in item["tokens"].tolist()]
+    assert words[0] == "<bos>" and words[-1] == "<eos>" and len(words) == 5 + 2
+    assert words[1:-1] == "a man riding a bike".split()
+    assert item["features"].shape == (36, 16) and 0.0 <= item["boxes"].min() and item["boxes"].max() <= 1.0
+    # the features come from the image's own file and row (train2014 and val2014 are separate files)
+    image = data._split("test")[1]
+    with h5py.File(root / "coco" / "features" / f"{image['filepath']}.h5") as f:
+        row = list(f["image_ids"][:]).index(image["cocoid"])
+        expected = torch.from_numpy(f["features"][row])
+    test = data.dataset("test")
+    assert len(test) == 2 and torch.equal(test[1]["features"], expected) and "tokens" not in test[1]
+    assert data.references("test")[1] == [" ".join(s["tokens"]) for s in image["sentences"]]
+    assert len(data.dataset("train", "scst")) == 4  # self-critical training goes by image
+
+
+def test_coco_captions_missing_data_is_one_clear_error(tmp_path):
+    from mlrun.datasets.butd import COCOCaptions
+
+    with pytest.raises(DataError, match="dataset_coco.json"):
+        COCOCaptions(root=str(tmp_path)).dataset("train")
