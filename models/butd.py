@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -198,7 +199,22 @@ class BottomUpTopDownVQA(Task):
             images, boxes = self._data.images(split), self._data.regions(split)[0]
             device = next(self.parameters()).device
             self._cache[split] = self.extract(images.to(device), boxes.to(device))
+            if self.cache_dir is not None:
+                self.save_features(split)
         return self._cache[split][0][batch["scene"]]
+
+    def save_features(self, split: str) -> Path:
+        """The frozen trunk's features of a split in the layout the paper-scale loaders read
+        (`cache/features_<kind>/<split>.h5`: image_ids = scene index, image_w/h, boxes in pixels, features)."""
+        from mlrun.datasets.butd import write_features_hdf5
+
+        feats, boxes = self._cache[split]
+        n = len(feats)
+        side = np.full(n, self.canvas, dtype=np.int64)
+        return write_features_hdf5(
+            Path(self.cache_dir) / f"features_{self.features}" / f"{split}.h5",
+            {"image_ids": np.arange(n, dtype=np.int64), "image_w": side, "image_h": side,
+             "boxes": boxes.float().cpu().numpy(), "features": feats[..., :-5].float().cpu().numpy()})
 
     # ------------------------------------------------------------------ stages
     def on_stage_start(self, stage: str, data: Any) -> None:
@@ -560,6 +576,7 @@ class BottomUpTopDownCaption(Task):
     boxes_for = BottomUpTopDownVQA.boxes_for
     extract = BottomUpTopDownVQA.extract
     _regions = BottomUpTopDownVQA._regions
+    save_features = BottomUpTopDownVQA.save_features
 
     def __init__(self, features: str, vocab_size: int, optimizers: dict[str, Callable[..., torch.optim.Optimizer]],
                  trunk: nn.Module | None = None, grid: int = 4, pool: int = 2, canvas: int = 64,

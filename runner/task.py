@@ -28,6 +28,9 @@ class Task(nn.Module):
     """Base class with the optional hooks' defaults. Subclasses implement `training_step`."""
 
     stage: str = "train"
+    cache_dir: Path | None = None
+    """Where a task may write what it computes once and others may reuse (frozen features, say): the run's
+    `cache/` on the main process, None on other DDP ranks and outside a run. Set by the runner."""
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {}

@@ -218,3 +218,26 @@ def test_self_critical_loss_is_reinforce_with_the_greedy_baseline():
     loss.backward()
     torch.optim.SGD(task.decoder.parameters(), lr=0.05).step()
     assert objective().item() > before
+
+
+@pytest.mark.parametrize("features", ["bottom_up", "grid"])
+def test_cached_features_are_what_the_paper_scale_loader_reads(tmp_path, features):
+    """The miniature writes its frozen features in the released features' layout: read back through the VQA v2 /
+    COCO loaders' FeatureStore and the paper-scale branch, they give the same regions as in memory."""
+    from types import SimpleNamespace
+
+    from mlrun.datasets.butd import FeatureStore
+
+    torch.manual_seed(0)
+    images = torch.rand(3, 1, 16, 16)
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [4.0, 2.0, 15.0, 12.0]]).expand(3, -1, -1)
+    task = _task(features)
+    task._data = SimpleNamespace(images=lambda split: images, regions=lambda split: (boxes, None))
+    task.cache_dir = tmp_path
+    scenes = torch.tensor([2, 0])
+    in_memory = task._regions({"scene": scenes}, "test")
+    store = FeatureStore(tmp_path / f"features_{features}" / "test.h5")
+    feats, norm_boxes = zip(*(store(int(i)) for i in scenes))
+    from_disk = task._regions({"features": torch.stack(feats), "boxes": torch.stack(norm_boxes)}, "test")
+    assert from_disk.shape == in_memory.shape == (2, 2 if features == "bottom_up" else 4, 4 + 5)
+    assert torch.allclose(from_disk, in_memory, atol=1e-6)
