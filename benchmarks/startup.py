@@ -1,7 +1,9 @@
 """Start-up time: `mlrun --help`, `mlrun report`, `mlrun ls` against a Hydra app that imports torch at the top
 (the usual template layout) and against `import lightning`. Median of N runs of each, in one script.
 
-    python benchmarks/startup.py [--runs 5]
+    python benchmarks/startup.py [--runs 5] [--records reproduce/<stamp>]
+
+`--records` also times `mlrun report` over real records (say, a `mlrun reproduce` folder: about 150 runs).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def timed(cmd: list[str], runs: int, cwd: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--records", help="a folder of run records to time `mlrun report` on")
     args = ap.parse_args()
     exe = str(Path(sys.executable).with_name("mlrun"))
     with tempfile.TemporaryDirectory() as d:
@@ -47,6 +50,12 @@ def main() -> None:
             "mlrun --help": timed([exe, "--help"], args.runs, d),
             "mlrun ls --plain": timed([exe, "ls", "--plain"], args.runs, d),
             "mlrun report (empty)": timed([exe, "report", d], args.runs, d),
+        }
+        if args.records:
+            records = Path(args.records).resolve()
+            n = sum(1 for _ in records.rglob("results.json"))
+            rows[f"mlrun report ({n} runs)"] = timed([exe, "report", str(records)], args.runs, d)
+        rows |= {
             "hydra app importing torch, --help": timed([sys.executable, "template_app.py", "--help"], args.runs, d),
         }
         lt = subprocess.run([sys.executable, "-c", "import lightning"], capture_output=True)

@@ -1,8 +1,9 @@
 """`mlrun report`, `mlrun ls`, `mlrun sync`: read records, never torch.
 
-`report` gathers every results.json and study.json under the given dirs (default: outputs/ and multirun/),
-groups runs that differ only by seed, and sets ours (mean ± std over seeds, n) beside the paper's value, with
-every claim held, failed or unknown. Runs that failed, were interrupted or are still running are listed as such.
+`report` gathers every results.json and study.json under the given dirs (default: outputs/, multirun/ and
+reproduce/), groups runs that differ only by seed, and sets ours (mean ± std over seeds, n) beside the paper's
+value, with every claim held, failed or unknown. Runs that failed, were interrupted or are still running are
+listed as such.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from mlrun.records import RESULTS, STUDY, read_json
 
-DEFAULT_DIRS = ("outputs", "multirun")
+DEFAULT_DIRS = ("outputs", "multirun", "reproduce")  # single runs, multiruns, `mlrun reproduce`
 
 
 # ---------------------------------------------------------------------------------------------- gathering
@@ -246,7 +247,8 @@ def replace_section(readme: Path, body: str) -> bool:
 
 def report_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="mlrun report", description=__doc__.splitlines()[0])
-    ap.add_argument("dirs", nargs="*", help="run, multirun or parent dirs (default: outputs/ and multirun/)")
+    ap.add_argument("dirs", nargs="*",
+                    help="run, multirun or parent dirs (default: outputs/, multirun/ and reproduce/)")
     ap.add_argument("--format", choices=("table", "markdown", "csv", "json"), default="table")
     ap.add_argument("--out", help="write to this file (markdown embeds each study's figure)")
     ap.add_argument("--figures-dir", help="copy the embedded figures here (markdown), e.g. docs/results")

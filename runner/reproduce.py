@@ -5,12 +5,14 @@
     mlrun reproduce --readme README.md   # also replace README's Results section with the report
 
 Each experiment runs in its own process (`mlrun experiment=X` or, when it declares a sweep, `mlrun -m
-experiment=X`), under `reproduce/<timestamp>/`; a failing one is reported as failed and the rest go on.
+experiment=X`), under `reproduce/<timestamp>/`; a failing one is reported as failed and the rest go on. Each
+experiment's elapsed time goes to `wall_times.json` there (`benchmarks/miniatures.py` compares them).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -43,6 +45,7 @@ def reproduce_main(argv: list[str]) -> int:
     names = args.experiments or [n for n in experiments() if experiment_info(n)["scale"] == "cpu"]
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     root = Path(args.root) / stamp
+    root.mkdir(parents=True, exist_ok=True)  # even if every run fails before writing anything
     exe = str(Path(sys.executable).with_name("mlrun"))
     walls: dict[str, float] = {}
     failed = []
@@ -58,6 +61,7 @@ def reproduce_main(argv: list[str]) -> int:
         if rc != 0:
             failed.append(name)
         print(f"[reproduce] {name}: exit {rc} in {walls[name]:.0f} s", flush=True)
+    (root / "wall_times.json").write_text(json.dumps({"seconds": walls, "failed": failed}, indent=1) + "\n")
     runs, studies = find_records([root])
     results, claims = rows(runs, studies)
     total = sum(walls.values())
