@@ -335,13 +335,14 @@ def last_wall_times(dirs: list[Path]) -> dict[str, float]:
                 s = read_json(p)
                 latest_key = s.get("experiment", "")
                 mt = p.stat().st_mtime
-                if s.get("wall_time_s") and (latest_key not in latest or latest[latest_key][0] < mt):
-                    latest[latest_key] = (mt, float(s["wall_time_s"]))
+                wall = s.get("elapsed_s") or s.get("wall_time_s")  # older studies: summed over runs
+                if wall and (latest_key not in latest or latest[latest_key][0] < mt):
+                    latest[latest_key] = (mt, float(wall))
             except (OSError, ValueError):
                 continue
         for p in Path(d).rglob(RESULTS):
-            if (p.parent.parent / STUDY).exists():
-                continue
+            if (p.parent.parent / STUDY).exists() or (p.parent.parent / "multirun.yaml").exists():
+                continue  # one run of a study (finished or still running): the study's time counts
             try:
                 r = read_json(p)
             except (OSError, ValueError):
@@ -368,8 +369,11 @@ def ls_main(argv: list[str]) -> int:
     from rich.table import Table
 
     t = Table(title=f"{len(names)} experiments")
-    for c in ("experiment", "paper", "data", "scale", "study", "last wall time"):
-        t.add_column(c, overflow="fold")
+    t.add_column("experiment", no_wrap=True)
+    t.add_column("paper", overflow="ellipsis", no_wrap=True, max_width=30)  # titles are long; one line each
+    t.add_column("data", overflow="ellipsis", no_wrap=True, max_width=18)
+    for c in ("scale", "study", "last wall time"):
+        t.add_column(c, no_wrap=True, min_width=len(c))
     for n in names:
         info = experiment_info(n)
         wall = walls.get(n)

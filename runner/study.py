@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,8 @@ def stats(values: list[float]) -> dict[str, float]:
     }
 
 
-def gather(sweep_dir: Path, study_cfg: Any, experiment: str = "", paper: Any = None) -> dict[str, Any]:
+def gather(sweep_dir: Path, study_cfg: Any, experiment: str = "", paper: Any = None,
+           elapsed_s: float | None = None) -> dict[str, Any]:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -87,8 +89,10 @@ def gather(sweep_dir: Path, study_cfg: Any, experiment: str = "", paper: Any = N
         "runs": runs,
         "groups": {label: {k: stats(v) for k, v in ms.items()} for label, ms in groups.items()},
         "status": "completed" if runs and all(r["status"] == "completed" for r in runs) else "incomplete",
-        "wall_time_s": round(sum(r["wall_time_s"] or 0 for r in runs), 1),
+        "wall_time_s": round(sum(r["wall_time_s"] or 0 for r in runs), 1),  # summed over runs
     }
+    if elapsed_s is not None:  # the sweep's own wall-clock time (runs in parallel jobs overlap)
+        study["elapsed_s"] = round(elapsed_s, 1)
     derived: dict[str, float] = {}
     if study_cfg.get("summarize"):
         try:
@@ -114,6 +118,9 @@ def gather(sweep_dir: Path, study_cfg: Any, experiment: str = "", paper: Any = N
 class StudyCallback(Callback):
     """Gathers a multirun into study.json when it ends (for any experiment, with or without a study block)."""
 
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        self._start = time.time()
+
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():
@@ -121,7 +128,9 @@ class StudyCallback(Callback):
         from omegaconf import OmegaConf
 
         paper = OmegaConf.to_container(config.paper, resolve=True) if config.get("paper") else {}
-        study = gather(sweep_dir, config.get("study"), config.get("experiment_name", ""), paper)
+        start = getattr(self, "_start", None)
+        study = gather(sweep_dir, config.get("study"), config.get("experiment_name", ""), paper,
+                       elapsed_s=time.time() - start if start is not None else None)
         n = len(study["runs"])
         ok = sum(r["status"] == "completed" for r in study["runs"])
         log.info("study %s: %d/%d runs completed; %s; %s", study["experiment"], ok, n,

@@ -175,6 +175,9 @@ def test_multirun_writes_two_run_dirs_and_a_study(tmp_path):
     assert p.returncode == 0, p.stderr
     study = json.loads((tmp_path / "sw" / "study.json").read_text())
     assert len(study["runs"]) == 2 and study["status"] == "completed"
+    # the sweep's own elapsed time covers both runs (sequential launcher), each run's time is its own
+    assert study["elapsed_s"] >= sum(r["wall_time_s"] for r in study["runs"]) - 0.2
+    assert study["wall_time_s"] == pytest.approx(sum(r["wall_time_s"] for r in study["runs"]), abs=0.2)
 
 
 # ------------------------------------------------------------------------------------------ DDP
