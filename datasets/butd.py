@@ -499,7 +499,9 @@ class DigitCaptions(DigitVQA):
         return caption_vocab([c for caps in self.captions("train") for c in caps])
 
     def references(self, split: str) -> list[list[str]]:
-        return self.captions(split)
+        """The scenes' captions tokenised as for training (punctuation dropped), as COCO's evaluation tokenises
+        both sides: a caption the vocabulary cannot spell must not cost n-gram matches."""
+        return [[" ".join(tokenize(c)) for c in caps] for caps in self.captions(split)]
 
     def dataset(self, split: str, stage: str | None = None) -> Dataset:
         if stage == "pretrain":

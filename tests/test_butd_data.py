@@ -63,6 +63,18 @@ def test_captions_two_to_three_phrasings():
     assert len(scene_captions(one, np.random.default_rng(0))) == 2
 
 
+def test_caption_references_are_spelled_with_the_training_vocabulary():
+    """Scored references are tokenised as the training captions: every word is one the decoder can say."""
+    from mlrun.datasets.butd import DigitCaptions
+
+    data = DigitCaptions(n_train=40, n_val=4, n_test=10)
+    refs = data.references("test")
+    assert len(refs) == 10 and all(2 <= len(r) <= 3 for r in refs)
+    words = {w for r in refs for c in r for w in c.split()}
+    assert words and not words & {",", ":"} and words <= set(data.vocab)
+    assert [r.replace(" ,", "").replace(" :", "") for r in data.captions("test")[0]] == refs[0]
+
+
 def test_region_boxes_jittered_ground_truth_then_background():
     scene = _scene()
     boxes, labels = region_boxes(scene, np.random.default_rng(0), k=8, jitter=0.0)
