@@ -324,7 +324,8 @@ def experiment_info(name: str) -> dict[str, Any]:
                 data = v
     paper = cfg.get("paper") or {}
     return {"experiment": name, "paper": paper.get("title", "-"), "data": str(data),
-            "scale": cfg.get("scale", "-"), "study": "yes" if cfg.get("study") is not None else "no"}
+            "scale": cfg.get("scale", "-"),
+            "study": "yes" if cfg.get("study") is not None else (f"in {cfg.part_of}" if cfg.get("part_of") else "no")}
 
 
 def last_wall_times(dirs: list[Path]) -> dict[str, float]:

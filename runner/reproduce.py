@@ -40,22 +40,31 @@ def finished(out: Path) -> str:
     return "-"
 
 
+def default_experiments() -> list[str]:
+    """Every CPU-scale experiment, except the single runs that are one arm of a study (`part_of:`): the study
+    runs them."""
+    from mlrun.cli import experiments
+    from mlrun.report import experiment_info
+
+    infos = [experiment_info(n) for n in experiments()]
+    return [i["experiment"] for i in infos if i["scale"] == "cpu" and not i["study"].startswith("in ")]
+
+
 def reproduce_main(argv: list[str]) -> int:
-    from mlrun.report import experiment_info, find_records, rows, to_markdown
+    from mlrun.report import find_records, rows, to_markdown
 
     ap = argparse.ArgumentParser(prog="mlrun reproduce", description=__doc__.splitlines()[0])
-    ap.add_argument("experiments", nargs="*", help="default: every CPU-scale experiment")
+    ap.add_argument("experiments", nargs="*",
+                    help="default: every CPU-scale experiment but single arms of a study (`part_of:`)")
     ap.add_argument("--root", default="reproduce", help="where the runs go (default: reproduce/<timestamp>)")
     ap.add_argument("--readme", help="replace this file's Results section with the report")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every run, e.g. logger=none")
     ap.add_argument("--into", help="an earlier reproduce folder: rerun only the named experiments there (their old "
                                    "folders move to <folder>-replaced/) and rebuild the report over all of it")
     args = ap.parse_args(argv)
-    from mlrun.cli import experiments
-
     if args.into and not args.experiments:
         raise SystemExit("mlrun reproduce: --into needs the experiments to rerun")
-    names = args.experiments or [n for n in experiments() if experiment_info(n)["scale"] == "cpu"]
+    names = args.experiments or default_experiments()
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     root = Path(args.into) if args.into else Path(args.root) / stamp
     if args.into and not (root / "wall_times.json").exists():

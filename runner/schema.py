@@ -114,6 +114,8 @@ class MlrunConf:
     debug: Any = field(default_factory=dict)
     scale: str = "cpu"
     """cpu (a miniature on packaged data) or paper (the paper's dataset and settings)."""
+    part_of: str | None = None
+    """The study (experiment name) this single run is one arm of: `mlrun reproduce` runs the study, not this."""
     smoke: Any = None
     """How CI smoke-runs this experiment in seconds: {overrides: [...], fixture: dotted.path.to.writer}.
     The fixture writer gets a folder, writes a tiny dataset there in the real format, and the smoke run

@@ -69,7 +69,9 @@ def validate(names: list[str], hardware: list[str]) -> list[str]:
     from omegaconf import OmegaConf
 
     from mlrun import compose
+    from mlrun.cli import experiments
 
+    names_all = set(experiments())
     problems: list[str] = []
     checked: dict[str, str | None] = {}
     for name in names:
@@ -89,6 +91,8 @@ def validate(names: list[str], hardware: list[str]) -> list[str]:
                 problems.append(f"{where}: scale must be cpu or paper")
             if not c.get("paper"):
                 problems.append(f"{where}: paper block missing")
+            if c.get("part_of") and c["part_of"] not in names_all:
+                problems.append(f"{where}: part_of names {c['part_of']!r}, which is not an experiment")
             problems += [f"{where}: {p}" for p in check_claims(c.get("claims"), "claims")]
             problems += [f"{where}: {p}" for p in check_claims((c.get("study") or {}).get("claims"), "study.claims")]
             for group in ("model", "dataset", "study", "trainer"):

@@ -100,6 +100,14 @@ def test_validate_passes_on_the_first_experiment():
     assert validate(["digits_classifier"], ["cpu", "gpu", "ddp"]) == []
 
 
+def test_reproduce_runs_every_cpu_study_once_and_no_paper_scale_experiment():
+    from mlrun.reproduce import default_experiments
+
+    names = default_experiments()
+    assert "meta_digits" in names and "maml_digits" not in names and "imaml_digits" not in names
+    assert "butd_caption_digits" in names and not any(n.endswith(("_cifar", "_imagenet", "_voc2007")) for n in names)
+
+
 # ------------------------------------------------------------------------------------------ report and ls
 
 
