@@ -487,7 +487,8 @@ class DigitCaptions(DigitVQA):
     """Captions of digit scenes (2-3 phrasings each) over the same scenes and regions as `DigitVQA`.
 
     Training items are (scene, caption) pairs: {"scene", "tokens" [max_len + 2] = <bos> words <eos> <pad>...};
-    evaluation items are scenes: {"scene", "refs": index into `references(split)`}.
+    evaluation items, and training items of the `scst` stage, are scenes: {"scene"}, an index into
+    `references(split)`.
     """
 
     def __init__(self, caption_len: int = 16, **kw: Any) -> None:
@@ -506,7 +507,7 @@ class DigitCaptions(DigitVQA):
     def dataset(self, split: str, stage: str | None = None) -> Dataset:
         if stage == "pretrain":
             return super().dataset(split, stage)
-        if split != "train":
+        if split != "train" or stage == "scst":  # evaluation and self-critical training go by scene
             return SceneQA([{"scene": i} for i in range(len(self.captions(split)))])
         vocab = {w: i for i, w in enumerate(self.vocab)}
         return SceneQA([{"scene": i, "tokens": caption_tokens(c, vocab, self.caption_len)}
