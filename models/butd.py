@@ -127,6 +127,21 @@ class VQANet(nn.Module):
         return self.out(self.drop(self.fo(h))), a
 
 
+def draw_attention(ax: Any, image: Tensor, att: Tensor, boxes: Tensor, features: str, grid: int,
+                   canvas: int) -> None:
+    """A scene with its attention: the regions' boxes, wider and brighter by weight, or the grid as a heat map."""
+    import matplotlib.pyplot as plt
+
+    ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+    if features == "grid":
+        ax.imshow(att.reshape(grid, grid), cmap="inferno", alpha=0.5, extent=(0, canvas, canvas, 0),
+                  interpolation="nearest")
+        return
+    for w, (x1, y1, x2, y2) in sorted(zip(att.tolist(), boxes.tolist())):
+        ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1 + 3 * w,
+                                   color=plt.cm.inferno(0.2 + 0.8 * w / float(att.max()))))
+
+
 # ------------------------------------------------------------------------------------------- task
 
 
@@ -298,15 +313,7 @@ class BottomUpTopDownVQA(Task):
             boxes = self._cache["test"][1][item["scene"]].cpu()
             logits, att = self.vqa(v, item["question"][None])
             att = att[0].detach().cpu()
-            ax.imshow(images[item["scene"], 0], cmap="gray", vmin=0, vmax=1)
-            if self.features == "grid":
-                g = self.grid
-                ax.imshow(att.reshape(g, g), cmap="inferno", alpha=0.5, extent=(0, self.canvas, self.canvas, 0),
-                          interpolation="nearest")
-            else:
-                for w, (x1, y1, x2, y2) in sorted(zip(att.tolist(), boxes.tolist())):
-                    ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1 + 3 * w,
-                                               color=plt.cm.inferno(0.2 + 0.8 * w / float(att.max()))))
+            draw_attention(ax, images[item["scene"], 0], att, boxes, self.features, self.grid, self.canvas)
             q = " ".join(vocab[t] for t in item["question"].tolist() if t)
             pred = data.answers[int(logits.argmax())]
             ax.set_title(f"{q}?\npred {pred} (max att {float(att.max()):.2f})", fontsize=8)
@@ -671,15 +678,7 @@ class BottomUpTopDownCaption(Task):
                 atts.append(a[0])
             att = torch.stack(atts).mean(0).cpu()
             boxes = self._cache["test"][1][i].cpu()
-            ax.imshow(images[i, 0], cmap="gray", vmin=0, vmax=1)
-            if self.features == "grid":
-                g = self.grid
-                ax.imshow(att.reshape(g, g), cmap="inferno", alpha=0.5, extent=(0, self.canvas, self.canvas, 0),
-                          interpolation="nearest")
-            else:
-                for w, (x1, y1, x2, y2) in sorted(zip(att.tolist(), boxes.tolist())):
-                    ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1 + 3 * w,
-                                               color=plt.cm.inferno(0.2 + 0.8 * w / float(att.max()))))
+            draw_attention(ax, images[i, 0], att, boxes, self.features, self.grid, self.canvas)
             caption = decode(seq, vocab, eos)
             ax.set_title(f"{caption}\n(ref: {refs[i][0]})", fontsize=7, wrap=True)
             ax.axis("off")
