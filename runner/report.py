@@ -215,14 +215,13 @@ def print_rich(results: list[dict], claims: list[dict]) -> None:
     console = Console()
     t = Table(title="Results beside the papers' numbers", show_lines=False)
     for c in RESULT_COLS:  # the long source line once per experiment, cut to one line (the markdown has it whole)
-        t.add_column(c, overflow="ellipsis", no_wrap=True, max_width=48) if c == "source" else t.add_column(c)
+        t.add_column(c, **({"overflow": "ellipsis", "no_wrap": True, "max_width": 48} if c == "source" else {}))
     previous: dict[str, str] = {}
     for r in results:
         row = {c: str(r.get(c, "")) for c in RESULT_COLS}
         same = row.get("experiment") == previous.get("experiment")
         previous = row
-        t.add_row(*("" if same and c in ("experiment", "source") else row[c] for c in RESULT_COLS),
-                  end_section=False)
+        t.add_row(*("" if same and c in ("experiment", "source") else row[c] for c in RESULT_COLS))
     console.print(t)
     t = Table(title="Claims")
     for c in CLAIM_COLS:

@@ -75,7 +75,7 @@ def reproduce_main(argv: list[str]) -> int:
     failed: list[str] = []
     if args.into:
         earlier = json.loads((root / "wall_times.json").read_text())
-        walls = {k: v for k, v in earlier["seconds"].items()}
+        walls = dict(earlier["seconds"])
         failed = [n for n in earlier.get("failed", []) if n not in names]
     for name in names:
         sweep = has_sweep(name)
