@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -495,14 +496,18 @@ class DigitCaptions(DigitVQA):
         super().__init__(**kw)
         self.caption_len = caption_len
 
-    @property
+    @cached_property
     def vocab(self) -> list[str]:
         return caption_vocab([c for caps in self.captions("train") for c in caps])
 
     def references(self, split: str) -> list[list[str]]:
         """The scenes' captions tokenised as for training (punctuation dropped), as COCO's evaluation tokenises
-        both sides: a caption the vocabulary cannot spell must not cost n-gram matches."""
-        return [[" ".join(tokenize(c)) for c in caps] for caps in self.captions(split)]
+        both sides: a caption the vocabulary cannot spell must not cost n-gram matches. Kept: read every
+        self-critical step."""
+        refs = self.__dict__.setdefault("_refs", {})
+        if split not in refs:
+            refs[split] = [[" ".join(tokenize(c)) for c in caps] for caps in self.captions(split)]
+        return refs[split]
 
     def dataset(self, split: str, stage: str | None = None) -> Dataset:
         if stage == "pretrain":
@@ -569,13 +574,17 @@ class COCOCaptions(DataModule):
             self._images = json.loads(path.read_text())["images"]
         return [im for im in self._images if im["split"] in KARPATHY_SPLITS[split]]
 
-    @property
+    @cached_property  # 566k training captions: counted once, not at every self-critical step
     def vocab(self) -> list[str]:
         return caption_vocab([" ".join(s["tokens"]) for im in self._split("train") for s in im["sentences"]],
                              self.min_word_count)
 
     def references(self, split: str) -> list[list[str]]:
-        return [[" ".join(s["tokens"]) for s in im["sentences"]] for im in self._split(split)]
+        """All of each image's captions (Karpathy's tokens); kept, since every self-critical step reads them."""
+        refs = self.__dict__.setdefault("_refs", {})
+        if split not in refs:
+            refs[split] = [[" ".join(s["tokens"]) for s in im["sentences"]] for im in self._split(split)]
+        return refs[split]
 
     def dataset(self, split: str, stage: str | None = None) -> Dataset:
         images = self._split(split)
