@@ -134,6 +134,25 @@ def write_mnist_fixture(root: str | os.PathLike, n_train: int = 60, n_test: int 
 # ---------------------------------------------------------------------------------------------- CIFAR-10
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what the CIFAR release holds: dicts, lists, bytes, numbers and numpy arrays. A crafted batch
+    file that names any other callable (`os.system`, say) is refused before anything runs."""
+
+    ARRAYS = {("numpy", "ndarray"), ("numpy", "dtype")}
+    RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ARRAYS:
+            return getattr(np, name)
+        if (module, name) in self.RECONSTRUCT:  # how numpy 1 (the release) and numpy 2 pickle an array
+            import importlib
+
+            return importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else
+                                           "numpy.core.multiarray")._reconstruct
+        raise pickle.UnpicklingError(f"refused {module}.{name}: a CIFAR batch holds only dicts, lists, bytes, "
+                                     "numbers and numpy arrays")
+
+
 class CIFAR10(DataModule):
     """CIFAR-10 in its python-pickle release (`<root>/cifar-10-batches-py/data_batch_{1..5}`, `test_batch`).
 
@@ -170,10 +189,12 @@ class CIFAR10(DataModule):
             raise DataError(path, f"the CIFAR-10 python batches {', '.join(self.train_files)}, test_batch", how)
         try:
             with open(path, "rb") as f:
-                d = pickle.load(f, encoding="bytes")  # noqa: S301 - the dataset's own format
+                d = CifarUnpickler(f, encoding="bytes").load()
+            if not isinstance(d, dict) or getattr(d.get(b"data"), "dtype", None) == np.dtype(object):
+                raise ValueError("not a dict of arrays")
             data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             labels = np.asarray(d[b"labels"], dtype=np.int64)
-        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as e:
             raise DataError(path, "a CIFAR-10 python batch (a pickled dict with b'data' Nx3072 uint8, "
                                   f"b'labels') ({type(e).__name__}: {e})", how) from None
         return torch.from_numpy(data), torch.from_numpy(labels)

@@ -43,7 +43,7 @@ def run(experiment: Any, overrides: list[str] | None = None, run_dir: str | Path
     from omegaconf import OmegaConf
 
     from mlrun.app import run_experiment
-    from mlrun.records import write_atomic
+    from mlrun.loggers import redact
 
     cfg = compose(experiment, overrides) if isinstance(experiment, str) else experiment
     if run_dir is None:
@@ -52,7 +52,5 @@ def run(experiment: Any, overrides: list[str] | None = None, run_dir: str | Path
 
         stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
         run_dir = Path("outputs/api") / f"{stamp}_{secrets.token_hex(3)}_{cfg.experiment_name}"
-    run_dir = Path(run_dir)
-    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
-    return run_experiment(cfg, run_dir)
+    config = OmegaConf.to_yaml(redact(OmegaConf.to_container(cfg, resolve=False)))
+    return run_experiment(cfg, Path(run_dir), files={".hydra/config.yaml": config})

@@ -1,27 +1,71 @@
-"""One run, from a composed config to its records. Used by the CLI, the Python API and DDP workers."""
+"""One run, from a composed config to its records. Used by the CLI, the Python API and DDP workers.
+
+A run has two phases. Its start checks everything a user can get wrong (the schema's choices and ranges, the
+device, the checkpoint to resume, the run dir) and writes nothing but its claim on the run dir, so a bad input is
+one line and no record. From then on a `RunRecord` owns results.json: whatever ends the run (an error while the
+data or the model is built, Ctrl-C, a full disk), results.json says `failed` or `interrupted`, with the error.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import time
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from mlrun import claims as claims_mod
-from mlrun.errors import ConfigError
-from mlrun.records import RESULTS, config_digest, git_commit, machine, read_json, versions, write_json
+from mlrun.errors import ConfigError, Interrupted, MlrunError, describe
+from mlrun.records import (
+    METRICS,
+    RESULTS,
+    RunDir,
+    RunRecord,
+    config_digest,
+    git_commit,
+    machine,
+    read_json,
+    remove_temp_files,
+    utc_now,
+    versions,
+    write_atomic,
+    write_json,
+)
 
 log = logging.getLogger("mlrun")
 
 FINAL = ("completed",)
+DEFAULT_ROOTS = ("outputs", "multirun")
+"""Where `resume=auto` looks when no Hydra config names the output roots (the Python API): conf/config.yaml's
+run and sweep base folders, relative to the working directory."""
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+class RunFailed(RuntimeError):
+    """The run started and its results.json says how it ended (`failed` or `interrupted`, exit code 1 or 130)."""
+
+    def __init__(self, message: str, code: int, results: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.code = code
+        self.results = results
+
+
+_DDP_WORKERS = False  # this process is running a DDP launch (its agent forwards SIGTERM to the workers)
+
+
+def stop_current_run(reason: str) -> bool:
+    """Stop the run going on in this process as Ctrl-C would (a checkpoint, then `interrupted`); False if none is."""
+    import signal
+    import sys
+
+    trainer = sys.modules.get("mlrun.trainer")
+    if trainer is not None and trainer.request_stop(reason):
+        return True
+    if _DDP_WORKERS:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return True
+    return False
 
 
 def select_device(hw: Any) -> Any:
@@ -40,12 +84,34 @@ def select_device(hw: Any) -> Any:
     return torch.device(want)
 
 
-def find_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict | None]:
+# ---------------------------------------------------------------------------------------------- resume
+
+
+@dataclass
+class Start:
+    """Where a run starts from: nothing, a checkpoint to continue, or a finished run's results to reuse."""
+
+    resume_dir: Path | None = None
+    """The run dir (or .pt file) continued."""
+    state: dict | None = None
+    """Its checkpoint, once loaded."""
+    reuse: dict | None = None
+
+    @property
+    def checkpoint(self) -> Path | None:
+        if self.resume_dir is None:
+            return None
+        return self.resume_dir if self.resume_dir.suffix == ".pt" else self.resume_dir / "checkpoints" / "last.pt"
+
+
+def find_resume(cfg: DictConfig, run_dir: Path, roots: list[Path] | None = None) -> tuple[Path | None, dict | None]:
     """(run dir to continue from, finished results to reuse).
 
-    `resume=<dir>` continues that run. `resume=auto` looks under this run's outputs/ or multirun/ root for
-    runs of the same config (same digest, seed included): a finished one is reused as is (so a re-launched
-    sweep skips what it already did), else the newest unfinished one with a checkpoint is continued.
+    `resume=<dir>` continues that run. `resume=auto` takes the newest run of the same config (same digest, seed
+    included) under the output roots (the configured run and sweep base folders, `outputs/` and `multirun/` by
+    default; never above them) or in this run's own dir: a finished one is reused as is (so a re-launched sweep
+    skips what it already did); an unfinished one with a checkpoint is continued (after Ctrl-C, the run that
+    was stopped).
     """
     if not cfg.resume:
         return None, None
@@ -57,30 +123,47 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, dict | Non
             raise ConfigError(f"resume={cfg.resume}: no checkpoints/last.pt there")
         return src, None
     digest = _digest(cfg)
-    root = run_dir.parent
-    while root.parent != root and root.name not in ("outputs", "multirun"):
-        root = root.parent
-    finished, unfinished = [], []
-    for res_path in root.rglob(RESULTS):
+    here = run_dir.resolve()
+    candidates = []
+    searched = [Path(r).resolve() for r in (roots if roots is not None else DEFAULT_ROOTS)]
+    for res_path in _results_under([*searched, run_dir]):
         d = res_path.parent
-        myself = d.resolve() == run_dir.resolve()  # a requeued SLURM job continues in its own dir
         try:
             res = read_json(res_path)
-        except (OSError, ValueError):
+            if res.get("config_digest") != digest or res.get("resumed_by"):
+                continue
+        except (OSError, ValueError, AttributeError):
             continue
-        if res.get("config_digest") != digest or res.get("resumed_by"):
+        finished = res.get("status") in FINAL
+        if finished and res.get("reused_from") and d.resolve() != here:
+            continue  # a pointer to another run; that run is a candidate itself
+        if not finished and not (d / "checkpoints" / "last.pt").exists():
             continue
-        if res.get("status") in FINAL and not res.get("reused_from") and not myself:
-            finished.append((res_path.stat().st_mtime, d, res))
-        elif res.get("status") not in FINAL and (d / "checkpoints" / "last.pt").exists():
-            unfinished.append(((d / "checkpoints" / "last.pt").stat().st_mtime, d))
-    if finished:
-        _, d, res = max(finished, key=lambda t: t[0])
-        return None, dict(res, reused_from=str(d.resolve()))
-    if not unfinished:
-        log.info("resume=auto: no earlier run of this config under %s; starting fresh", root)
+        candidates.append(((str(res.get("started_at") or ""), res_path.stat().st_mtime), d, res, finished))
+    if not candidates:
+        log.info("resume=auto: no earlier run of this config under %s; starting fresh",
+                 ", ".join(str(r) for r in searched))
         return None, None
-    return max(unfinished)[1], None
+    _, d, res, finished = max(candidates, key=lambda c: c[0])
+    if finished:
+        return None, res if d.resolve() == here else dict(res, reused_from=str(d.resolve()))
+    return d, None
+
+
+def _results_under(roots: list[Path]) -> list[Path]:
+    """Every results.json under these folders (links not followed; checkpoint and figure folders skipped)."""
+    seen, out = set(), []
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [n for n in dirnames if n not in ("checkpoints", "figures", "wandb", "cache", ".hydra")]
+            if RESULTS in filenames:
+                p = Path(dirpath) / RESULTS
+                if p.resolve() not in seen:
+                    seen.add(p.resolve())
+                    out.append(p)
+    return out
 
 
 def _digest(cfg: DictConfig) -> str:
@@ -91,28 +174,91 @@ def _digest(cfg: DictConfig) -> str:
     return config_digest(c)
 
 
+def plan_start(cfg: DictConfig, run_dir: Path, roots: list[Path] | None, load: bool = True) -> Start:
+    """Find (and, with `load`, read) what this run continues; a bad resume target is a ConfigError or a
+    CheckpointError here, before the run writes anything."""
+    resume_dir, reuse = find_resume(cfg, run_dir, roots)
+    if reuse is not None:
+        return Start(reuse=reuse)
+    if cfg.eval_only and resume_dir is None:
+        raise ConfigError("eval_only=true needs resume=<run dir or checkpoint>")
+    start = Start(resume_dir=resume_dir)
+    if resume_dir is not None and load:
+        from mlrun.trainer import Trainer
+
+        path = start.checkpoint
+        best = resume_dir / "checkpoints" / "best.pt"
+        if cfg.eval_only and cfg.trainer.monitor and resume_dir.suffix != ".pt" and best.exists():
+            path = best
+        start.state = Trainer.load_checkpoint(path)
+    return start
+
+
 def stages_of(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.stages:
         return [dict(OmegaConf.to_container(s, resolve=True)) for s in cfg.stages]
     return [{"name": "train"}]
 
 
-def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False) -> dict[str, Any]:
-    """Train (or evaluate) one experiment into run_dir and return its results.json content."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.hardware.nproc_per_node * cfg.hardware.nnodes > 1 and not worker:
-        return _launch_ddp(cfg, run_dir)
+# ---------------------------------------------------------------------------------------------- the run
 
+
+def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False, *, roots: list[Path] | None = None,
+                   files: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train (or evaluate) one experiment into run_dir and return its results.json content.
+
+    `roots`: where `resume=auto` may look (default: outputs/ and multirun/ here). `files`: texts to write into the
+    run dir once it is claimed (Hydra's config, already redacted). Before anything is written a bad input raises
+    an MlrunError; afterwards every failure is RunFailed, with results.json saying so.
+    """
+    from mlrun import schema
+
+    run_dir = Path(run_dir)
+    schema.check(cfg)
+    ddp_parent = cfg.hardware.nproc_per_node * cfg.hardware.nnodes > 1 and not worker
+    select_device(cfg.hardware)
+    start = plan_start(cfg, run_dir, roots, load=not ddp_parent)
+    claim = None
+    if not worker:
+        here = start.resume_dir is not None and start.resume_dir.resolve() == run_dir.resolve()
+        claim = RunDir(run_dir).claim(continuing_here=here or (start.reuse is not None and not
+                                                               start.reuse.get("reused_from")))
+    try:
+        if not worker:
+            from mlrun.loggers import redact
+
+            for name, text in (files or {}).items():
+                write_atomic(run_dir / name, redact(text))
+            remove_temp_files(run_dir)
+        if start.reuse is not None:
+            return _reuse(cfg, run_dir, start.reuse)
+        if ddp_parent:
+            return _launch_ddp(cfg, run_dir, start)
+        return _run(cfg, run_dir, start, worker)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _reuse(cfg: DictConfig, run_dir: Path, res: dict[str, Any]) -> dict[str, Any]:
+    if res.get("reused_from"):
+        log.info("resume=auto: %s already finished this config; reusing its results", res["reused_from"])
+        res = dict(res, run_dir=str(run_dir), label=cfg.label)
+        write_json(run_dir / RESULTS, res)
+    else:
+        log.info("resume=auto: this run dir already finished this config; nothing to do")
+    return res
+
+
+def _run(cfg: DictConfig, run_dir: Path, start: Start, worker: bool) -> dict[str, Any]:
     import torch
     from hydra.utils import instantiate
 
     from mlrun import distributed
-    from mlrun.loggers import Loggers, redact
+    from mlrun.loggers import Loggers, redact, register_secrets
     from mlrun.progress import Progress
-    from mlrun.trainer import CheckpointError, Interrupted, NonFiniteLoss, Trainer, seed_everything
+    from mlrun.trainer import Trainer, seed_everything
 
-    t0 = time.perf_counter()
     device = select_device(cfg.hardware)
     dist = distributed.init_process_group(str(device), cfg.hardware.backend) if worker else distributed.current()
     if device.type == "cuda" and dist.enabled:
@@ -124,142 +270,119 @@ def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False) -> dict
         torch.backends.cudnn.allow_tf32 = True
 
     container = OmegaConf.to_container(cfg, resolve=True)
+    register_secrets(container)
+    state, resume_dir = start.state, start.resume_dir
     results: dict[str, Any] = {
         "experiment": cfg.experiment_name, "label": cfg.label, "seed": cfg.seed, "scale": cfg.scale,
-        "status": "running", "started_at": _now(), "run_dir": str(run_dir),
+        "status": "running", "started_at": utc_now(), "run_dir": str(run_dir),
         "config_digest": _digest(cfg), "git_commit": git_commit(), "versions": versions(),
         "device": _device_name(device), "world_size": dist.world, "machine": machine(),
         "paper": container.get("paper") or {}, "metrics": {}, "claims": [],
     }
-    resume_dir, reuse = find_resume(cfg, run_dir)
-    if reuse is not None:
-        log.info("resume=auto: %s already finished this config; reusing its results", reuse["reused_from"])
-        reuse.update(run_dir=str(run_dir), label=cfg.label)
-        if dist.is_main:
-            write_json(run_dir / RESULTS, reuse)
-        return reuse
-    ckpt_state = None
     if resume_dir is not None:
-        ckpt_path = resume_dir if resume_dir.suffix == ".pt" else resume_dir / "checkpoints" / (
-            "best.pt" if cfg.eval_only and cfg.trainer.monitor and (resume_dir / "checkpoints/best.pt").exists()
-            else "last.pt")
-        ckpt_state = Trainer.load_checkpoint(ckpt_path)
         results["resumed_from"] = str(resume_dir)
-        log.info("resuming from %s (global step %d)", ckpt_path, ckpt_state["position"]["global_step"])
-
-    if dist.is_main:
-        write_json(run_dir / RESULTS, results)
-        _copy_history(resume_dir, run_dir, ckpt_state)
-        loggers = Loggers(run_dir, cfg.logger, redact(container),
-                          wandb_id=(ckpt_state or {}).get("wandb_id"),
-                          resume_step=ckpt_state["position"]["global_step"] if ckpt_state else None)
-    else:
-        loggers = Loggers.null()
-
-    seed_everything(int(cfg.seed) + 0, cfg.trainer.deterministic)
-    data = instantiate(cfg.dataset, _convert_="object")
-    task = instantiate(cfg.model, _convert_="object")
-    task.cache_dir = run_dir / "cache" if dist.is_main else None
-    trainer = Trainer(cfg.trainer, device, run_dir, loggers, int(cfg.seed), dist, wandb_id=loggers.wandb_id)
-    trainer.channels_last = bool(cfg.hardware.channels_last) and device.type == "cuda"
-    trainer.install_signal_handlers()
-    progress = Progress(cfg.trainer.progress, enabled=dist.is_main)
-    failed = False
-    code = 0
+    loggers = Loggers.null()
+    main = dist.is_main
+    record = RunRecord(run_dir, results, write=main, clean=lambda r: redact(r, by_name=False))
     try:
-        if ckpt_state is not None:
-            Trainer.restore_model(task, ckpt_state, resume_dir)
-        if cfg.eval_only:
-            if ckpt_state is None:
-                raise ConfigError("eval_only=true needs resume=<run dir or checkpoint>")
-            task.to(device)
-            stage_list = stages_of(cfg)
-            task.on_stage_start(stage_list[-1].get("name", "train"), data)
-            task.to(device)
-            results["evaluated_step"] = ckpt_state["position"]["global_step"]
-            metrics = trainer.evaluate(task, data, "val", None, cfg.trainer)
-        else:
-            metrics = trainer.fit(task, data, stages_of(cfg), resume=ckpt_state, progress=progress)
-            if dist.enabled:
-                results["ddp_replicas_identical"] = distributed.replicas_identical(task)
-            if cfg.trainer.monitor and (run_dir / "checkpoints" / "best.pt").exists():
-                best = Trainer.load_checkpoint(run_dir / "checkpoints" / "best.pt")
-                task.load_state_dict(best["model"])
-                task.load_extra_state(best.get("extra", {}))
-                results["best"] = trainer.best
-        metrics = dict(metrics)
-        metrics.update(trainer.evaluate(task, data, "test", None, cfg.trainer))
-        results["metrics"] = metrics
-        results["steps"] = trainer.global_step
-        if trainer.nonfinite_skipped:
-            results["nonfinite_skipped"] = trainer.nonfinite_skipped
-        if dist.is_main:
-            figs = task.figures(run_dir / "figures", data) or []
-            results["figures"] = [str(Path(f).relative_to(run_dir)) for f in figs]
-            loggers.log_figures(figs)
-        results["claims"] = claims_mod.evaluate(list(container.get("claims") or []), metrics)
-        results["status"] = "completed"
-    except Interrupted as e:
-        results.update(status="interrupted", error=str(e))
-        failed, code = True, 130
-    except (NonFiniteLoss, CheckpointError) as e:
-        results.update(status="failed", error=str(e))
-        failed, code = True, 1
+        with record:
+            if main:
+                _copy_history(resume_dir, run_dir, state)
+                loggers = Loggers(run_dir, cfg.logger, redact(container), wandb_id=(state or {}).get("wandb_id"),
+                                  resume_step=state["position"]["global_step"] if state else None)
+                record.on_close(lambda r: loggers.finish(_summary(r), failed=r["status"] != "completed"))
+                record.on_close(lambda r: _mark_resumed(resume_dir, run_dir))
+            seed_everything(int(cfg.seed), cfg.trainer.deterministic)
+            data = instantiate(cfg.dataset, _convert_="object")
+            task = instantiate(cfg.model, _convert_="object")
+            task.cache_dir = run_dir / "cache" if main else None
+            trainer = Trainer(cfg.trainer, device, run_dir, loggers, int(cfg.seed), dist, wandb_id=loggers.wandb_id)
+            trainer.channels_last = bool(cfg.hardware.channels_last) and device.type == "cuda"
+            progress = Progress(cfg.trainer.progress, enabled=main)
+            with trainer.signals():
+                _train_and_test(cfg, task, data, trainer, state, resume_dir, results, progress, dist)
+            if main:
+                figs = task.figures(run_dir / "figures", data) or []
+                results["figures"] = [str(Path(f).relative_to(run_dir)) for f in figs]
+                loggers.log_figures(figs)
+            results["claims"] = claims_mod.evaluate(list(container.get("claims") or []), results["metrics"])
     except BaseException as e:
-        results.update(status="failed", error=f"{type(e).__name__}: {e}")
-        failed = True
-        _finish(results, run_dir, t0, loggers, dist, failed, resume_dir)
-        raise
-    _finish(results, run_dir, t0, loggers, dist, failed, resume_dir)
-    if code:
-        raise RunFailed(results["error"], code, results)
-    return results
-
-
-class RunFailed(RuntimeError):
-    def __init__(self, message: str, code: int, results: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.code = code
-        self.results = results
-
-
-def _finish(results: dict, run_dir: Path, t0: float, loggers: Any, dist: Any, failed: bool,
-            resume_dir: Path | None) -> None:
-    results["wall_time_s"] = round(time.perf_counter() - t0, 2)
-    results["finished_at"] = _now()
-    if not dist.is_main:
-        return
-    summary = {k: v for k, v in results.get("metrics", {}).items()}
-    summary["status"] = results["status"]
-    try:
-        loggers.finish(summary, failed=failed)
+        if not record.entered:
+            raise  # not even `running` could be written: nothing is on record
+        code = 130 if isinstance(e, Interrupted | KeyboardInterrupt) else 1
+        raise RunFailed(results.get("error") or describe(e), code, results) from e
     finally:
-        write_json(run_dir / RESULTS, results)
-        same = resume_dir is not None and resume_dir.resolve() == run_dir.resolve()
-        if resume_dir is not None and not same and resume_dir.is_dir() and (resume_dir / RESULTS).exists():
-            try:
-                old = read_json(resume_dir / RESULTS)
-                old["resumed_by"] = str(run_dir)
-                write_json(resume_dir / RESULTS, old)
-            except (OSError, ValueError):
-                pass
+        if main:
+            remove_temp_files(run_dir)
     held = claims_mod.summary_line(results.get("claims", []))
     log.info("%s: %s in %.1fs; %s; records in %s", results["experiment"], results["status"],
              results["wall_time_s"], held, run_dir)
+    return results
+
+
+def _train_and_test(cfg: DictConfig, task: Any, data: Any, trainer: Any, state: dict | None,
+                    resume_dir: Path | None, results: dict, progress: Any, dist: Any) -> None:
+    from mlrun import distributed
+    from mlrun.trainer import Trainer
+
+    stages = stages_of(cfg)
+    if state is not None:
+        Trainer.restore_model(task, state, resume_dir)
+        trainer.resume_plan(data, stages, state)  # a resume that cannot be done fails here, before any step
+        log.info("resuming from %s (global step %d)", resume_dir, state["position"]["global_step"])
+    if cfg.eval_only:
+        task.to(trainer.device)
+        task.on_stage_start(stages[-1].get("name", "train"), data)
+        task.to(trainer.device)
+        results["evaluated_step"] = state["position"]["global_step"]
+        metrics = trainer.evaluate(task, data, "val", None, cfg.trainer)
+    else:
+        metrics = trainer.fit(task, data, stages, resume=state, progress=progress)
+        if dist.enabled:
+            results["ddp_replicas_identical"] = distributed.replicas_identical(task)
+        best_path = trainer.run_dir / "checkpoints" / "best.pt"
+        if cfg.trainer.monitor and best_path.exists():
+            best = Trainer.load_checkpoint(best_path)
+            task.load_state_dict(best["model"])
+            task.load_extra_state(best.get("extra", {}))
+            results["best"] = trainer.best
+    metrics = dict(metrics)
+    metrics.update(trainer.evaluate(task, data, "test", None, cfg.trainer))
+    results["metrics"] = metrics
+    results["steps"] = trainer.global_step
+    if trainer.nonfinite_skipped:
+        results["nonfinite_skipped"] = trainer.nonfinite_skipped
+
+
+def _summary(results: dict[str, Any]) -> dict[str, Any]:
+    return {**results.get("metrics", {}), "status": results["status"]}
+
+
+def _mark_resumed(resume_dir: Path | None, run_dir: Path) -> None:
+    """The continued run points at its successor, which `resume=auto` takes instead, once that one has a checkpoint
+    of its own to carry the history on."""
+    if resume_dir is None or resume_dir.suffix == ".pt" or resume_dir.resolve() == run_dir.resolve():
+        return
+    if not (run_dir / "checkpoints" / "last.pt").exists() or not (resume_dir / RESULTS).exists():
+        return
+    try:
+        old = read_json(resume_dir / RESULTS)
+        old["resumed_by"] = str(run_dir)
+        write_json(resume_dir / RESULTS, old)
+    except (OSError, ValueError, MlrunError):
+        pass
 
 
 def _copy_history(resume_dir: Path | None, run_dir: Path, state: dict | None) -> None:
     """A resumed run starts its metrics.jsonl with the old run's lines up to the checkpoint."""
     if resume_dir is None or state is None or not resume_dir.is_dir() or resume_dir.resolve() == run_dir.resolve():
         return
-    from mlrun.records import METRICS, read_metrics
-
-    step = state["position"]["global_step"]
-    rows = [r for r in read_metrics(resume_dir / METRICS) if r.get("global_step", r.get("step", 0)) <= step]
     import json
 
-    from mlrun.records import write_atomic
+    from mlrun.records import read_metrics, row_step
 
+    step = state["position"]["global_step"]
+    rows = [r for r in read_metrics(resume_dir / METRICS) if row_step(r) <= step]
     write_atomic(run_dir / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -271,29 +394,50 @@ def _device_name(device: Any) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def _launch_ddp(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Compose once: save the resolved config, start the workers, read back rank 0's results."""
-    from mlrun import distributed
-    from mlrun.records import write_atomic
+# ---------------------------------------------------------------------------------------------- DDP
 
-    (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / ".hydra" / "resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+def _launch_ddp(cfg: DictConfig, run_dir: Path, start: Start) -> dict[str, Any]:
+    """Compose once: hand the resolved config to the workers (in memory; the copy saved beside the run is redacted),
+    start them, read back rank 0's results. A worker that dies before it can say so leaves `failed` here."""
+    from mlrun import distributed
+    from mlrun.loggers import redact, register_secrets
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    register_secrets(resolved)
+    if start.resume_dir is not None:
+        resolved["resume"] = str(start.resume_dir)  # every rank continues what this process chose
+    write_atomic(run_dir / ".hydra" / "resolved.yaml", OmegaConf.to_yaml(redact(resolved)))
     nproc = int(cfg.hardware.nproc_per_node)
     log.info("starting %d data-parallel workers (%d node(s)); records in %s", nproc, cfg.hardware.nnodes, run_dir)
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.hardware.threads or 1))
+    elastic = logging.getLogger("torch.distributed.elastic")
+    level = elastic.level
+    elastic.setLevel(logging.CRITICAL)  # its failure report is a page; ours is one line
+    error = None
+    global _DDP_WORKERS
+    _DDP_WORKERS = True
     try:
-        distributed.launch(run_dir, nproc, cfg.hardware)
-    except Exception as e:  # noqa: BLE001 - ChildFailedError carries the worker's failure
-        res = _read_results(run_dir)
-        raise RunFailed(f"a worker failed: {res.get('error') or e}", 1, res) from None
+        distributed.launch(run_dir, nproc, cfg.hardware, OmegaConf.to_yaml(resolved))
+    except Exception as e:  # noqa: BLE001 - ChildFailedError, or SignalException when this process is signalled
+        error = e
+    finally:
+        _DDP_WORKERS = False
+        elastic.setLevel(level)
     res = _read_results(run_dir)
+    if res.get("status") == "running" or (error is not None and res.get("status") == "completed"):
+        res.update(status="interrupted" if type(error).__name__ == "SignalException" else "failed",
+                   error=f"a worker died: {describe(error) if error else 'no result'}", finished_at=utc_now())
+        write_json(run_dir / RESULTS, res)
     if res.get("status") != "completed":
-        raise RunFailed(res.get("error", "workers ended without results"), 1, res)
+        code = 130 if res.get("status") == "interrupted" else 1
+        raise RunFailed(res.get("error") or f"the workers ended without results ({describe(error)})", code, res)
     return res
 
 
 def _read_results(run_dir: Path) -> dict[str, Any]:
     try:
-        return read_json(run_dir / RESULTS)
+        res = read_json(run_dir / RESULTS)
+        return res if isinstance(res, dict) else {"status": "failed"}
     except (OSError, ValueError):
         return {"status": "failed"}

@@ -115,8 +115,49 @@ def all_agree(flag: bool) -> bool:
     return int(t.item()) == 0
 
 
-def launch(run_dir: Path, nproc: int, hw: Any) -> None:
-    """Start `nproc` workers on this node through torch's elastic launcher; they read run_dir's config."""
+class StopVote:
+    """All ranks agree to stop at the same step, whichever rank a signal reached, without a sync per step.
+
+    Each step every rank adds its stop flag to an asynchronous all-reduce over a CPU (gloo) group and reads the
+    previous step's sum, which has long arrived: all ranks learn of a stop at the same step, one step after any
+    rank asked. The GPU stream is never synchronised for it.
+    """
+
+    def __init__(self) -> None:
+        self.group = None if dist.get_backend() == "gloo" else _cpu_group()
+        self._pending: tuple[Any, torch.Tensor] | None = None
+
+    def step(self, stop: bool) -> bool:
+        agreed = self._collect()
+        flag = torch.tensor([1 if stop else 0], dtype=torch.int32)
+        self._pending = (dist.all_reduce(flag, group=self.group, async_op=True), flag)
+        return agreed
+
+    def close(self) -> bool:
+        """The last vote's outcome (call where the loop ends, on every rank)."""
+        return self._collect()
+
+    def _collect(self) -> bool:
+        if self._pending is None:
+            return False
+        work, flag = self._pending
+        self._pending = None
+        work.wait()
+        return int(flag.item()) > 0
+
+
+_CPU_GROUP: Any = None
+
+
+def _cpu_group() -> Any:
+    global _CPU_GROUP
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
+def launch(run_dir: Path, nproc: int, hw: Any, config_yaml: str) -> None:
+    """Start `nproc` workers on this node through torch's elastic launcher, each given the resolved config."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
@@ -130,14 +171,26 @@ def launch(run_dir: Path, nproc: int, hw: Any) -> None:
         start_method=hw.start_method,
         monitor_interval=0.5,
     )
-    elastic_launch(config, worker_entry)(str(run_dir))
+    elastic_launch(config, worker_entry)(str(run_dir), config_yaml)
 
 
-def worker_entry(run_dir: str) -> None:
-    """One rank: load the config composed by the launching process, and run."""
+def worker_entry(run_dir: str, config_yaml: str) -> None:
+    """One rank: run the config composed by the launching process (handed over in memory: the copy saved in the
+    run dir has its secrets redacted). Exits 130 when interrupted, 1 on a failure, without a traceback: rank 0's
+    results.json and the launching process say what happened."""
+    import sys
+
     from omegaconf import OmegaConf
 
-    from mlrun.app import run_experiment
+    from mlrun.app import RunFailed, run_experiment
+    from mlrun.errors import describe
 
-    cfg = OmegaConf.load(Path(run_dir) / ".hydra" / "resolved.yaml")
-    run_experiment(cfg, Path(run_dir), worker=True)
+    cfg = OmegaConf.create(config_yaml)
+    try:
+        run_experiment(cfg, Path(run_dir), worker=True)
+    except RunFailed as e:
+        sys.exit(e.code)
+    except Exception as e:  # noqa: BLE001 - before the run could record anything
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"mlrun: error: {describe(e)}", file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -13,16 +13,20 @@ import platform
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from mlrun.errors import Interrupted, MlrunError, RunDirError, describe
 
 RESULTS = "results.json"
 METRICS = "metrics.jsonl"
 STUDY = "study.json"
+LOCK = ".mlrun.lock"
 
 
-class RecordError(RuntimeError):
+class RecordError(MlrunError):
     """A record could not be written (disk full, read-only run dir): nothing half-written is left."""
 
 
@@ -71,11 +75,26 @@ def read_json(path: Path | str) -> Any:
         return json.load(f)
 
 
+def remove_temp_files(run_dir: Path | str) -> list[Path]:
+    """Delete the `.<name>.<random>.tmp` files a process killed inside `write_atomic` leaves behind."""
+    gone = []
+    for where in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        for tmp in where.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+            gone.append(tmp)
+    return gone
+
+
+def row_step(row: dict[str, Any]) -> int:
+    """A metrics row's position in the whole run (stages restart `step`; `global_step` does not)."""
+    return int(row.get("global_step", row.get("step", 0)))
+
+
 class MetricsLog:
     """metrics.jsonl, one object per logged step, written in batches of whole lines.
 
-    Each flush appends complete lines with one write() and fsyncs; a crash can lose the unflushed tail but
-    never leaves a broken line behind a good one. `read_metrics` skips a torn last line all the same.
+    Each flush appends complete lines and fsyncs; when the write fails part-way (disk full, file-size limit) the
+    file is cut back to where the flush began, so it only ever holds whole lines. The lines stay buffered.
     """
 
     def __init__(self, path: Path | str, flush_every: int = 20, truncate_after_step: int | None = None):
@@ -84,7 +103,7 @@ class MetricsLog:
         self._buffer: list[str] = []
         if truncate_after_step is not None and self.path.exists():
             # A resumed run rewrites history after its checkpoint so the log matches an uninterrupted run.
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after_step]
+            kept = [r for r in read_metrics(self.path) if row_step(r) <= truncate_after_step]
             write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, record: dict[str, Any]) -> None:
@@ -95,28 +114,161 @@ class MetricsLog:
     def flush(self) -> None:
         if not self._buffer:
             return
-        data = "".join(self._buffer)
+        data = memoryview("".join(self._buffer).encode())
         try:
-            with open(self.path, "a") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as e:
             raise RecordError(f"could not append to {self.path}: {e.strerror or e}") from e
+        start = None
+        try:
+            start = os.fstat(fd).st_size
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        except OSError as e:
+            if start is not None:
+                try:
+                    os.ftruncate(fd, start)  # whole lines or none
+                except OSError:
+                    pass
+            raise RecordError(f"could not append to {self.path}: {e.strerror or e}") from e
+        finally:
+            os.close(fd)
         self._buffer.clear()
 
 
 def read_metrics(path: Path | str) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a torn last line (a killed process) and anything not an object are skipped."""
     rows = []
     p = Path(path)
     if not p.exists():
         return rows
-    for line in p.read_text().splitlines():
+    for line in p.read_text(errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a torn last line from a killed process
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class RunDir:
+    """A run dir claimed by one run for its whole life.
+
+    The claim is an exclusive `flock` on `<run dir>/.mlrun.lock` (the kernel drops it when the process dies, so a
+    killed run never blocks its own resume), and a refusal when the dir already holds another run's records,
+    unless this run is continuing that one in place. A dir that cannot be written is one clear error here.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def claim(self, continuing_here: bool = False) -> RunDir:
+        import fcntl
+
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunDirError(f"cannot write in the run dir {self.path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunDirError(f"the run dir {self.path} is in use by another mlrun process (pid {other}); "
+                              "choose another hydra.run.dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        held = None if continuing_here else self.holds()
+        if held:
+            self.release()
+            raise RunDirError(f"the run dir {self.path} already holds a run ({held}); choose another hydra.run.dir, "
+                              f"or continue that run with resume={self.path}")
+        return self
+
+    def holds(self) -> str | None:
+        """What earlier run's records the dir holds, if any."""
+        if (self.path / RESULTS).exists():
+            try:
+                return f"status {read_json(self.path / RESULTS).get('status', 'unknown')}"
+            except (OSError, ValueError, AttributeError):
+                return "an unreadable results.json"
+        if (self.path / METRICS).exists() or (self.path / "checkpoints").is_dir():
+            return "metrics.jsonl or checkpoints"
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            (self.path / LOCK).unlink(missing_ok=True)
+            os.close(self._fd)  # closing drops the lock
+            self._fd = None
+
+
+class RunRecord:
+    """The one owner of a run's results.json: `running` on entry, then, on every way out, `completed`, `failed` or
+    `interrupted` with the error, `finished_at` and the wall time.
+
+    Callbacks given to `on_close` (the loggers' finish) run first, with the final status set; a failure of theirs
+    is a warning. A record that cannot be written at the end never hides the error that ended the run.
+    """
+
+    def __init__(self, run_dir: Path | str, results: dict[str, Any], write: bool = True,
+                 clean: Callable[[Any], Any] | None = None) -> None:
+        self.path = Path(run_dir) / RESULTS
+        self.results = results
+        self.write = write
+        self.clean = clean or (lambda x: x)
+        self._closers: list[Callable[[dict[str, Any]], None]] = []
+        self._t0 = time.perf_counter()
+        self.entered = False
+
+    def on_close(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        self._closers.append(fn)
+
+    def save(self) -> None:
+        if self.write:
+            write_json(self.path, self.clean(self.results))
+
+    def __enter__(self) -> RunRecord:
+        self._t0 = time.perf_counter()
+        self.results.setdefault("started_at", utc_now())
+        self.results["status"] = "running"
+        self.save()
+        self.entered = True
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        import logging
+
+        if exc is None:
+            self.results["status"] = "completed"
+        else:
+            interrupted = isinstance(exc, Interrupted | KeyboardInterrupt)
+            self.results.update(status="interrupted" if interrupted else "failed", error=describe(exc))
+        self.results["wall_time_s"] = round(time.perf_counter() - self._t0, 2)
+        self.results["finished_at"] = utc_now()
+        log = logging.getLogger("mlrun")
+        for fn in self._closers:
+            try:
+                fn(self.results)
+            except Exception as e:  # noqa: BLE001 - closing a sink must not lose the record
+                log.warning("while closing the run: %s", describe(e))
+        try:
+            self.save()
+        except RecordError as e:
+            if exc is None:
+                raise
+            log.warning("%s", e)
+        return False
 
 
 def config_digest(cfg_container: dict[str, Any]) -> str:

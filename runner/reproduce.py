@@ -65,6 +65,17 @@ def reproduce_main(argv: list[str]) -> int:
     if args.into and not args.experiments:
         raise SystemExit("mlrun reproduce: --into needs the experiments to rerun")
     names = args.experiments or default_experiments()
+    from mlrun.cli import experiments
+
+    known = experiments()
+    for name in names:
+        if name not in known:
+            from difflib import get_close_matches
+
+            close = get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else "`mlrun ls` lists them"
+            print(f"mlrun reproduce: no experiment {name!r}; {hint}", file=sys.stderr)
+            return 1
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     root = Path(args.into) if args.into else Path(args.root) / stamp
     if args.into and not (root / "wall_times.json").exists():

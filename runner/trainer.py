@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mlrun import distributed
-from mlrun.errors import CheckpointError
+from mlrun.errors import CheckpointError, ConfigError, Interrupted, NonFiniteLoss, describe
 from mlrun.loggers import Loggers
 from mlrun.progress import Progress
 from mlrun.task import DataModule, Task
@@ -32,14 +32,17 @@ from mlrun.task import DataModule, Task
 log = logging.getLogger("mlrun")
 
 CHECKPOINT_FORMAT = 1
+__all__ = ["Interrupted", "NonFiniteLoss", "Trainer", "request_stop", "seed_everything"]
+
+_fitting: list[Trainer] = []  # the trainers inside `signals()` in this process
 
 
-class NonFiniteLoss(RuntimeError):
-    """A loss or gradient became NaN/inf; the run stops and the last good checkpoint is kept."""
-
-
-class Interrupted(RuntimeError):
-    """SIGINT/SIGTERM: a checkpoint was written and the run can be resumed."""
+def request_stop(reason: str) -> bool:
+    """Ask every trainer running in this process to checkpoint and stop after its current step, as SIGINT would
+    (a sweep being stopped); False when none is running."""
+    for t in _fitting:
+        t._stop_signal = t._stop_signal or reason
+    return bool(_fitting)
 
 
 # ---------------------------------------------------------------------------------------------- seeding
@@ -192,13 +195,25 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.float16)
         return contextlib.nullcontext()
 
-    def install_signal_handlers(self) -> None:
+    @contextlib.contextmanager
+    def signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM ask for a checkpoint and a stop after the current step; the process's own handlers are
+        back when the block ends (the next job of an in-process sweep, a notebook)."""
+
         def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
             self._stop_signal = signal.Signals(signum).name
 
+        old = {}
         for s in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread
-                signal.signal(s, handler)
+                old[s] = signal.signal(s, handler)
+        _fitting.append(self)
+        try:
+            yield
+        finally:
+            _fitting.remove(self)
+            for s, h in old.items():
+                signal.signal(s, h)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, task: Task, optimizers: dict, schedulers: dict, scaler: Any, position: dict,
@@ -207,6 +222,7 @@ class Trainer:
             return None
         from mlrun.records import write_atomic
 
+        self.loggers.flush()  # metrics.jsonl holds every row up to the checkpoint, so a resume loses none
         state = {
             "format": CHECKPOINT_FORMAT,
             "task": type(task).__qualname__,
@@ -247,6 +263,13 @@ class Trainer:
             raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path} is not an mlrun checkpoint (format {CHECKPOINT_FORMAT})")
+        missing = [k for k in ("model", "position", "rng") if k not in state]
+        pos = state.get("position")
+        if not missing and not (isinstance(pos, dict) and {"stage_index", "step", "epoch", "batch_in_epoch",
+                                                            "global_step"} <= set(pos)):
+            missing = ["position.stage_index/step/epoch/batch_in_epoch/global_step"]
+        if missing:
+            raise CheckpointError(f"{path} is an incomplete mlrun checkpoint: no {', '.join(missing)}")
         return state
 
     @staticmethod
@@ -294,7 +317,12 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self, task: Task, data: DataModule, stages: list[dict[str, Any]], resume: dict | None = None,
             progress: Progress | None = None) -> dict[str, float]:
-        """Run every stage in order; return the final metrics (val of the last stage, then test)."""
+        """Run every stage in order; return the final metrics (val of the last stage, then test).
+
+        A checkpoint taken where a stage ended (the end of a finished run, say) continues that stage when the
+        config now gives it more steps, exactly as if it had never stopped; a resume that would need fewer steps
+        than the checkpoint already took, or other stages, is refused before any training.
+        """
         progress = progress or Progress("none")
         task.to(self.device)
         if self.channels_last:
@@ -303,34 +331,79 @@ class Trainer:
             for child in task.children():  # in place: state_dict keys and checkpoints stay the same
                 child.compile()
         task.train()
+        start = 0
         if resume is not None:
             self.global_step = resume["position"]["global_step"]
             self.best = resume.get("best") or self.best
             self.results = dict(resume.get("results") or {})
-        start_stage = resume["position"]["stage_index"] if resume else 0
+            start, resume = self.resume_plan(data, stages, resume)
         for index, spec in enumerate(stages):
-            if index < start_stage:
+            if index < start:
                 continue
-            here = resume if (resume is not None and index == start_stage) else None
+            here = resume if (resume is not None and index == start) else None
             self._fit_stage(task, data, index, spec, here, progress)
         return self.results
 
-    def _stage_cfg(self, spec: dict[str, Any]) -> DictConfig:
-        overrides = {k: v for k, v in spec.items() if k not in ("name", "batch_size", "split")}
+    def resume_plan(self, data: DataModule, stages: list[dict[str, Any]], resume: dict) -> tuple[int, dict]:
+        """(stage to start at, checkpoint state to start it from), or a ConfigError naming what cannot be done."""
+        pos = resume["position"]
+        start, end = pos["stage_index"], pos.get("stage_end")
+        if start > len(stages):
+            raise ConfigError(f"the checkpoint has finished {start} stages; this config has {len(stages)}: "
+                              f"{', '.join(s.get('name', 'train') for s in stages)}")
+        if end is None and (start == len(stages) or pos["step"] == 0):
+            return start, resume  # nothing of a stage to check (or a checkpoint older than `stage_end`)
+        at, index = (end, start - 1) if end is not None else (pos, start)
+        if at.get("name") not in (None, stages[index].get("name", "train")):
+            raise ConfigError(f"the checkpoint stopped in stage '{at['name']}'; stage {index} of this config is "
+                              f"'{stages[index].get('name', 'train')}'")
+        _, length, _ = self._stage_length(data, stages[index])
+        done = (end or pos)["step"]
+        if length < done:
+            raise ConfigError(f"stage '{stages[index].get('name', 'train')}' already ran {done} steps in the "
+                              f"checkpoint; this config gives it {length}, and a resumed run cannot take steps back")
+        if end is not None and length > done:  # a finished stage made longer: continue it where it ended
+            return index, dict(resume, position=dict(pos, stage_index=index, step=end["step"], epoch=end["epoch"],
+                                                     batch_in_epoch=end["batch_in_epoch"], stage_end=None))
+        return start, resume
+
+    def _stage_cfg(self, spec: dict[str, Any]) -> Any:
+        """The stage's trainer settings as a plain TrainerConf (the hot loop reads them every step)."""
+        from mlrun.schema import TrainerConf
+
+        overrides = {k: v for k, v in spec.items() if k not in ("name", "batch_size", "split", "args")}
         # Resolve against the whole run config first: keys such as ${dataset.batch_size} live outside `trainer`.
         base = self.base_cfg
         if OmegaConf.is_config(base):
             base = OmegaConf.to_container(base, resolve=True)
-        return OmegaConf.merge(base, overrides)
+        try:
+            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainerConf), base, overrides))
+        except Exception as e:  # noqa: BLE001 - an unknown or mistyped stage key
+            raise ConfigError(f"stage '{spec.get('name', 'train')}': {describe(e)}") from None
+
+    def _stage_length(self, data: DataModule, spec: dict[str, Any]) -> tuple[Any, int, int]:
+        """(settings, optimizer steps, batches per epoch) of a stage, from its settings and its train split's size."""
+        cfg = self._stage_cfg(spec)
+        name, split = spec.get("name", "train"), spec.get("split", "train")
+        bs = spec.get("batch_size", data.batch_size)
+        batched = bs is None
+        n = len(data.dataset(split, name))
+        per_epoch = len(ResumableBatchSampler(n, 1 if batched else bs, False, self.seed, self.dist.rank,
+                                              self.dist.world, data.drop_last and not batched, cfg.overfit_batches))
+        if per_epoch == 0:
+            raise ConfigError(f"stage '{name}': the {split} split has {n} items, fewer than one batch of {bs}")
+        accumulate = max(int(cfg.accumulate), 1)
+        steps = int(cfg.max_epochs * per_epoch // accumulate) if cfg.max_epochs is not None else int(cfg.max_steps)
+        if cfg.step_limit is not None:
+            steps = min(steps, int(cfg.step_limit))
+        return cfg, steps, per_epoch
 
     def _fit_stage(self, task: Task, data: DataModule, index: int, spec: dict[str, Any], resume: dict | None,
                    progress: Progress) -> None:
         name = spec.get("name", "train")
-        # A plain dataclass, not a DictConfig: the hot loop reads these keys every step (~10 µs each otherwise).
-        from mlrun.schema import TrainerConf
-
-        cfg = self.cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainerConf), self._stage_cfg(spec)))
         task.on_stage_start(name, data)
+        cfg, max_steps, per_epoch = self._stage_length(data, spec)
+        self.cfg = cfg
         task.to(self.device)
         optimizers = task.configure_optimizers() or {}
         schedulers = {}
@@ -350,26 +423,24 @@ class Trainer:
         bs = spec.get("batch_size", data.batch_size)
         loader = self._loader(data, split, name, True, cfg, bs)
         sampler: ResumableBatchSampler = loader.batch_sampler
-        per_epoch = len(sampler)
-        if per_epoch == 0:
-            raise ValueError(
-                f"stage '{name}': the {split} split has {len(loader.dataset)} items, fewer than one batch of {bs}"
-            )
         accumulate = max(int(cfg.accumulate), 1)
-        max_steps = int(cfg.max_epochs * per_epoch // accumulate) if cfg.max_epochs is not None else int(cfg.max_steps)
-        if cfg.step_limit is not None:
-            max_steps = min(max_steps, int(cfg.step_limit))
 
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
         step, epoch, batch_in_epoch = 0, 0, 0
         if resume is not None:
-            for k, opt in optimizers.items():
-                opt.load_state_dict(resume["optimizers"][k])
-            for k, s in schedulers.items():
-                s.load_state_dict(resume["schedulers"][k])
-            if scaler is not None and resume.get("scaler"):
-                scaler.load_state_dict(resume["scaler"])
             pos = resume["position"]
-            step, epoch, batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
+            if pos.get("stage_end") is None:  # mid-stage: this stage's optimizers; at a boundary they start fresh
+                for k, opt in optimizers.items():
+                    opt.load_state_dict(resume["optimizers"][k])
+                for k, s in schedulers.items():
+                    s.load_state_dict(resume["schedulers"][k])
+                if scaler is not None and resume.get("scaler"):
+                    scaler.load_state_dict(resume["scaler"])
+                step, epoch, batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
+                # the losses summed since the last log point, so the next logged mean is the uninterrupted one's
+                sums = {k: v.to(self.device) for k, v in (pos.get("log_sums") or {}).items()}
+                counts = dict(pos.get("log_counts") or {})
             set_rng_state(resume["rng"])
 
         params = {k: [p for g in o.param_groups for p in g["params"]] for k, o in optimizers.items()}
@@ -380,14 +451,23 @@ class Trainer:
                 mine = {id(p) for p in ps}
                 others[k] = [p for p in all_params if id(p) not in mine]
 
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
-        position = {"stage_index": index, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+        position = {"stage_index": index, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                    "name": name}
 
         def save(name_: str = "last.pt") -> None:
-            position.update(stage_index=index, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch)
+            position.update(stage_index=index, step=step, epoch=epoch, batch_in_epoch=batch_in_epoch,
+                            log_sums={k: v.detach().cpu().clone() for k, v in sums.items()}, log_counts=dict(counts))
             self.save_checkpoint(task, optimizers, schedulers, scaler, position, name_)
 
+        def interrupted() -> Interrupted:
+            save()
+            self.loggers.flush()
+            why = self._stop_signal or "a stop agreed with another rank"
+            return Interrupted(f"{why} at step {step}: checkpoint saved")
+
+        # Under DDP every rank must stop at the same step: each step's stop flag joins an all-reduce the next step
+        # collects (asynchronous, on the CPU), so ranks agree within one step without a sync per step.
+        vote = distributed.StopVote() if self.dist.enabled else None
         progress.start(name, max_steps, step)
         profiler = self._profiler(cfg)
         anomaly = torch.autograd.detect_anomaly() if cfg.detect_anomaly else contextlib.nullcontext()
@@ -421,19 +501,21 @@ class Trainer:
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not done:
                         save()
                     stop_now = self._stop_signal is not None
-                    if self.dist.enabled and step % max(int(cfg.log_every), 1) == 0:
-                        stop_now = not distributed.all_agree(not stop_now)  # every rank stops at the same step
+                    if vote is not None:
+                        stop_now = vote.step(stop_now)
                     if stop_now:
-                        save()
-                        self.loggers.flush()
-                        raise Interrupted(f"{self._stop_signal or 'stop'} at step {step}: checkpoint saved")
+                        raise interrupted()
                     if done or stop_early:
                         break
+        if vote is not None and vote.close():
+            raise interrupted()
         if profiler is not None:
             self._finish_profiler(profiler)
         progress.close()
         self._eval_and_track(task, data, name, cfg, step, epoch, save, final=True)
-        position.update(stage_index=index + 1, step=0, epoch=0, batch_in_epoch=0)
+        position.update(stage_index=index + 1, step=0, epoch=0, batch_in_epoch=0, log_sums={}, log_counts={},
+                        stage_end={"name": name, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch})
+        position.pop("name")
         self.save_checkpoint(task, optimizers, schedulers, scaler, position)
 
     def _step(self, task: Task, batch: Any, cfg: DictConfig, optimizers: dict, params: dict, others: dict,
@@ -538,7 +620,11 @@ class Trainer:
         if self.dist.is_main:
             self.loggers.log(record)
         self.results.update(metrics)
-        if cfg.monitor and cfg.monitor in metrics:
+        if cfg.monitor and cfg.monitor not in metrics:
+            hint = " (the monitor sees the val split only)" if not cfg.monitor.startswith("val/") else ""
+            raise ConfigError(f"trainer.monitor={cfg.monitor} is not among the metrics of the first evaluation of "
+                              f"stage '{stage}': {', '.join(sorted(metrics))}{hint}")
+        if cfg.monitor:
             value = metrics[cfg.monitor]
             if self._improved(value, cfg):
                 self.best = {"value": value, "step": self.global_step, "stage": stage}

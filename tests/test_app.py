@@ -134,18 +134,19 @@ def mlrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("override, says", [
-    ("trainer.max_step=3", "Key 'max_step' not in 'TrainerConf'"),
-    ("trainer.max_steps=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
-    ("experiment=nope", "Available options in 'experiment'"),
-    ("hardware=tpu", "Could not find 'hardware/tpu'"),
+    ("trainer.max_step=3", "trainer.max_step=3: Key 'max_step' not in 'TrainerConf'; did you mean trainer.max_steps?"),
+    ("trainer.max_steps=abc", "trainer.max_steps=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("experiment=digits_clasifier", "experiment=digits_clasifier: no such experiment; did you mean "
+                                    "experiment=digits_classifier?"),
+    ("hardware=tpu", "hardware=tpu: no such hardware; one of: cpu, ddp, gpu"),
+    ("model.net.chanels=3", "model.net.chanels=3: Key 'chanels' is not in model.net; did you mean model.net.channels?"),
 ])
 def test_bad_overrides_exit_nonzero_with_one_clear_message(override, says, tmp_path):
     args = [override] if override.startswith("experiment=") else ["experiment=digits_classifier", override]
     p = mlrun(*args, cwd=tmp_path)
     out = p.stdout + p.stderr
-    assert p.returncode != 0
-    assert says in out
-    assert "Traceback" not in out
+    assert p.returncode == 1
+    assert out.strip() == f"mlrun: error: {says}"  # one line, without Hydra's "+key" hint that leads into a crash
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("results.json"))
 
 
