@@ -62,7 +62,7 @@ class HardwareConf:
     device: str = "cpu"
     """cpu, cuda or auto."""
     threads: int | None = None
-    """torch intra-op threads for this process (None: leave torch's default)."""
+    """torch intra-op threads for this process (None: 1 for CPU-scale experiments, torch's default otherwise)."""
     nproc_per_node: int = 1
     """More than 1 starts that many data-parallel workers (gloo on CPU, NCCL on GPU)."""
     nnodes: int = 1

@@ -415,7 +415,7 @@ class Trainer:
         anomaly = torch.autograd.detect_anomaly() if cfg.detect_anomaly else contextlib.nullcontext()
         micro = 0
         stop_early = False
-        with anomaly:
+        with anomaly, contextlib.closing(progress):  # the bar stops before any message, Ctrl-C's included
             while step < max_steps and not stop_early:
                 if batch_in_epoch >= per_epoch:
                     epoch, batch_in_epoch = epoch + 1, 0
@@ -435,6 +435,7 @@ class Trainer:
                     self.global_step += 1
                     if profiler is not None:
                         profiler.step()
+                    progress.tick(step, sums, counts)
                     done = step >= max_steps
                     if cfg.log_every and (step % cfg.log_every == 0 or done):
                         self._log(sums, counts, optimizers, name, step, epoch, progress)

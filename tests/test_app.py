@@ -285,3 +285,18 @@ def test_fresh_seeds_replace_a_studys_seeds_from_the_command_line(tmp_path):
     assert p.returncode == 0, p.stderr
     study = json.loads((tmp_path / "sw" / "study.json").read_text())
     assert study["seeds"] == [5, 6] and sorted({r["seed"] for r in study["runs"]}) == [5, 6]
+
+
+def test_tab_completion_offers_verbs_and_hides_the_experiment_files_keys(tmp_path):
+    def complete(line: str) -> list[str]:
+        exe = Path(sys.executable).with_name("mlrun")
+        env = {**os.environ, "COMP_LINE": line, "COMP_POINT": str(len(line))}
+        p = subprocess.run([str(exe), "-sc", "query=bash"], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        return p.stdout.split()
+
+    first = complete("mlrun ")
+    assert {"ls", "report", "validate", "reproduce", "sync", "experiment=", "trainer."} <= set(first)
+    assert not {w for w in first if w.startswith(("claims.", "paper.", "smoke=", "part_of="))}
+    assert complete("mlrun re") == ["report", "reproduce", "resume="]
+    assert "trainer.max_steps=" in complete("mlrun experiment=digits_classifier trainer.ma")
