@@ -263,10 +263,15 @@ def _finish(results: dict, run_dir: Path, t0: float, loggers: Any, dist: Any, fa
                 write_json(resume_dir / RESULTS, old)
             except (OSError, ValueError):
                 pass
+    log.info(closing_line(results, run_dir))
+
+
+def closing_line(results: dict[str, Any], run_dir: Path) -> str:
+    """`digits_classifier: completed in 6.4s; test/acc 0.991; 1/1 claims held; records in ...`"""
     held = claims_mod.summary_line(results.get("claims", []))
     shown = headline(results)
-    log.info("%s: %s in %.1fs; %s%s; records in %s", results["experiment"], results["status"],
-             results["wall_time_s"], f"{shown}; " if shown else "", held, run_dir)
+    return (f"{results.get('experiment')}: {results.get('status')} in {float(results.get('wall_time_s') or 0):.1f}s; "
+            f"{shown + '; ' if shown else ''}{held}; records in {run_dir}")
 
 
 def headline(results: dict[str, Any], most: int = 3) -> str:
@@ -401,6 +406,7 @@ def _launch_ddp(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     res = _read_results(run_dir)
     if res.get("status") != "completed":
         raise RunFailed(res.get("error", "workers ended without results"), 1, res)
+    log.info(closing_line(res, run_dir))  # the workers' own lines go nowhere: the launching process says it
     return res
 
 
