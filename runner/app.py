@@ -112,7 +112,15 @@ def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False) -> dict
     from mlrun import distributed
     from mlrun.loggers import Loggers, redact
     from mlrun.progress import Progress
-    from mlrun.trainer import CheckpointError, Interrupted, NonFiniteLoss, Trainer, seed_everything, start_stage
+    from mlrun.trainer import (
+        ANNOUNCE_AFTER,
+        CheckpointError,
+        Interrupted,
+        NonFiniteLoss,
+        Trainer,
+        seed_everything,
+        start_stage,
+    )
 
     t0 = time.perf_counter()
     device = select_device(cfg.hardware)
@@ -178,6 +186,11 @@ def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False) -> dict
     task.cache_dir = run_dir / "cache" if dist.is_main else None
     trainer = Trainer(cfg.trainer, device, run_dir, loggers, int(cfg.seed), dist, wandb_id=loggers.wandb_id)
     trainer.stage_cache = stage_cache
+    if cfg.scale == "paper" and device.type == "cpu" and dist.is_main:
+        log.warning("%s is a paper-scale experiment and this machine has no CUDA device: running on the CPU "
+                    "(expected duration after the first %d steps; hardware=gpu needs CUDA)", cfg.experiment_name,
+                    ANNOUNCE_AFTER)
+        trainer.announce_duration = True
     trainer.channels_last = bool(cfg.hardware.channels_last) and device.type == "cuda"
     trainer.install_signal_handlers()
     prefix = job_prefix(cfg)

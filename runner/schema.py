@@ -31,7 +31,8 @@ class TrainerConf:
     keep_last: int = 0
     """Also keep the last K step-numbered checkpoints (0: only last.pt)."""
     precision: str = "32"
-    """32, bf16 or 16 (16 uses a GradScaler; bf16 and 16 are autocast)."""
+    """32, bf16, 16 or auto (16 uses a GradScaler; bf16 and 16 are autocast; auto: bf16 on a CUDA device that
+    supports it, else 32)."""
     accumulate: int = 1
     clip_grad_norm: float | None = None
     scheduler: Any = None
