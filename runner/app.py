@@ -187,9 +187,9 @@ def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False) -> dict
     trainer = Trainer(cfg.trainer, device, run_dir, loggers, int(cfg.seed), dist, wandb_id=loggers.wandb_id)
     trainer.stage_cache = stage_cache
     if cfg.scale == "paper" and device.type == "cpu" and dist.is_main:
-        log.warning("%s is a paper-scale experiment and this machine has no CUDA device: running on the CPU "
-                    "(expected duration after the first %d steps; hardware=gpu needs CUDA)", cfg.experiment_name,
-                    ANNOUNCE_AFTER)
+        why = "as hardware.device says" if torch.cuda.is_available() else "this machine has no CUDA device"
+        log.warning("%s is a paper-scale experiment and %s: running on the CPU (expected duration after the first "
+                    "%d steps)", cfg.experiment_name, why, ANNOUNCE_AFTER)
         trainer.announce_duration = True
     trainer.channels_last = bool(cfg.hardware.channels_last) and device.type == "cuda"
     trainer.install_signal_handlers()

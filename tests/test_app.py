@@ -314,5 +314,12 @@ def test_paper_scale_on_a_cpu_warns_and_announces_its_duration(tmp_path):
     assert p.returncode == 0, p.stderr
     out = p.stdout + p.stderr
     assert "paper-scale experiment and this machine has no CUDA device: running on the CPU" in out
+    # an empty validation split is absent, not empty (it divided by zero)
+    from mlrun.datasets.vision import MNIST
+
+    data = MNIST(str(tmp_path / "data"), val_size=0)
+    with pytest.raises(KeyError):
+        data.dataset("val")
+    assert len(data.dataset("train")) == 60
     assert "stage 'train': about" in out and "(5 steps at" in out
     assert json.loads((tmp_path / "run" / "results.json").read_text())["device"].startswith("cpu")
