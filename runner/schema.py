@@ -47,8 +47,9 @@ class TrainerConf:
     """Save checkpoints/last.pt every N steps (0: only at the end and on SIGINT/SIGTERM)."""
     keep_last: int = at_least(0, 0)
     """Also keep the last K step-numbered checkpoints (0: only last.pt)."""
-    precision: str = choice("32", "32", "bf16", "16", "bf16-mixed", "16-mixed", "fp16")
-    """32, bf16 or 16 (16 uses a GradScaler; bf16 and 16 are autocast)."""
+    precision: str = choice("32", "32", "bf16", "16", "auto", "bf16-mixed", "16-mixed", "fp16")
+    """32, bf16, 16 or auto (16 uses a GradScaler; bf16 and 16 are autocast; auto: bf16 on a CUDA device that
+    supports it, else 32)."""
     accumulate: int = at_least(1, 1)
     clip_grad_norm: float | None = at_least(None, 0, above=True)
     scheduler: Any = None
@@ -79,7 +80,7 @@ class HardwareConf:
     device: str = "cpu"
     """cpu, cuda or auto."""
     threads: int | None = at_least(None, 1)
-    """torch intra-op threads for this process (None: leave torch's default)."""
+    """torch intra-op threads for this process (None: 1 for CPU-scale experiments, torch's default otherwise)."""
     nproc_per_node: int = at_least(1, 1)
     """More than 1 starts that many data-parallel workers (gloo on CPU, NCCL on GPU)."""
     nnodes: int = at_least(1, 1)
@@ -106,6 +107,15 @@ class LoggerConf:
 
 
 @dataclass
+class CacheConf:
+    stages: str = choice("auto", "auto", "true", "false", "True", "False")
+    """Reuse an earlier run's end-of-stage checkpoint when the stage's inputs match (mlrun.cache): auto (inside
+    a multirun), true or false (`mlrun --no-cache ...`)."""
+    dir: str | None = None
+    """Where cached stages live (default: `.stage_cache` beside the sweep dir)."""
+
+
+@dataclass
 class MlrunConf:
     """The top level. `model` and `dataset` are `_target_` calls chosen by the experiment."""
 
@@ -114,6 +124,7 @@ class MlrunConf:
     trainer: TrainerConf = field(default_factory=TrainerConf)
     hardware: HardwareConf = field(default_factory=HardwareConf)
     logger: LoggerConf = field(default_factory=LoggerConf)
+    cache: CacheConf = field(default_factory=CacheConf)
     experiment_name: str = "unnamed"
     label: str = "run"
     """Names this run's condition inside a study (runs that differ only by seed share a label)."""
@@ -140,8 +151,8 @@ class MlrunConf:
 
 
 STAGE_KEYS = ("name", "batch_size", "split", "args")
-"""Keys a stage may set besides the trainer's own."""
-GROUPS = {"trainer": TrainerConf, "hardware": HardwareConf, "logger": LoggerConf}
+"""Keys of a stage spec that are not trainer settings: the rest override `trainer` for that stage."""
+GROUPS = {"trainer": TrainerConf, "hardware": HardwareConf, "logger": LoggerConf, "cache": CacheConf}
 NAME = re.compile(r"^[^/\x00]{1,200}$")
 DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|mps|auto)$")
 

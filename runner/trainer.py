@@ -27,11 +27,14 @@ from mlrun import distributed
 from mlrun.errors import CheckpointError, ConfigError, Interrupted, NonFiniteLoss, describe
 from mlrun.loggers import Loggers
 from mlrun.progress import Progress
+from mlrun.schema import STAGE_KEYS
 from mlrun.task import DataModule, Task
 
 log = logging.getLogger("mlrun")
 
 CHECKPOINT_FORMAT = 1
+ANNOUNCE_AFTER = 20
+"""Steps after which a paper-scale run on a CPU estimates its duration."""
 __all__ = ["Interrupted", "NonFiniteLoss", "Trainer", "request_stop", "seed_everything"]
 
 _fitting: list[Trainer] = []  # the trainers inside `signals()` in this process
@@ -140,6 +143,20 @@ def _first_item(items: list[Any]) -> Any:
     return items[0]
 
 
+def _at_stage_start(position: dict[str, Any]) -> bool:
+    """A checkpoint written at a stage's end points at the next stage's step 0 (a mid-stage one never does)."""
+    return position.get("step", 0) == 0 and position.get("epoch", 0) == 0 and position.get("batch_in_epoch", 0) == 0
+
+
+
+
+def start_stage(task: Task, spec: dict[str, Any], data: DataModule) -> None:
+    """Hand the task its stage: `task.stage_args` is the stage's `args:` (what differs between the arms of a study
+    that share earlier stages), then `on_stage_start`."""
+    task.stage_args = dict(spec.get("args") or {})
+    task.on_stage_start(spec.get("name", "train"), data)
+
+
 # ---------------------------------------------------------------------------------------------- trainer
 
 
@@ -162,6 +179,8 @@ class Trainer:
         self.nonfinite_skipped = 0
         self.channels_last = False
         self.cfg: Any = None  # the current stage's settings (a TrainerConf)
+        self.stage_cache: Any = None  # an mlrun.cache.StageCache when stages may be reused (set by the runner)
+        self.announce_duration = False  # a paper-scale run on a CPU says how long it will take (set by the runner)
         self._bad_evals = 0
 
     # ------------------------------------------------------------------ helpers
@@ -189,6 +208,9 @@ class Trainer:
         )
 
     def autocast(self, precision: str) -> contextlib.AbstractContextManager:
+        if precision == "auto":  # the paper-scale default: bf16 autocast on a GPU that has it, else full precision
+            bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            precision = "bf16" if bf16 else "32"
         if precision in ("bf16", "bf16-mixed"):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         if precision in ("16", "16-mixed", "fp16"):
@@ -331,18 +353,32 @@ class Trainer:
             for child in task.children():  # in place: state_dict keys and checkpoints stay the same
                 child.compile()
         task.train()
-        start = 0
+        first = 0
         if resume is not None:
             self.global_step = resume["position"]["global_step"]
             self.best = resume.get("best") or self.best
             self.results = dict(resume.get("results") or {})
-            start, resume = self.resume_plan(data, stages, resume)
+            first, resume = self.resume_plan(data, stages, resume)
+        if resume is not None and _at_stage_start(resume["position"]):
+            # saved at the end of the previous stage: this stage starts fresh (its own optimizers), from the RNG
+            # state the uninterrupted run had there, before the stage's own set-up draws from it
+            set_rng_state(resume["rng"])
+            resume = None
         for index, spec in enumerate(stages):
-            if index < start:
+            if index < first:
                 continue
-            here = resume if (resume is not None and index == start) else None
+            here = resume if (resume is not None and index == first) else None
             self._fit_stage(task, data, index, spec, here, progress)
         return self.results
+
+    def _announce_duration(self, name: str, step: int, max_steps: int, seconds: float) -> None:
+        """Once, after the first steps of a long run on a CPU: how long the stage will take on this machine."""
+        per_step = seconds / max(step, 1)
+        left = per_step * (max_steps - step)
+        hours = left / 3600
+        when = f"{hours:.1f} h" if hours >= 1 else f"{left / 60:.0f} min"
+        log.warning("stage '%s': about %s more on this machine (%d steps at %.2f s a step)", name, when,
+                    max_steps - step, per_step)
 
     def resume_plan(self, data: DataModule, stages: list[dict[str, Any]], resume: dict) -> tuple[int, dict]:
         """(stage to start at, checkpoint state to start it from), or a ConfigError naming what cannot be done."""
@@ -371,7 +407,7 @@ class Trainer:
         """The stage's trainer settings as a plain TrainerConf (the hot loop reads them every step)."""
         from mlrun.schema import TrainerConf
 
-        overrides = {k: v for k, v in spec.items() if k not in ("name", "batch_size", "split", "args")}
+        overrides = {k: v for k, v in spec.items() if k not in STAGE_KEYS}
         # Resolve against the whole run config first: keys such as ${dataset.batch_size} live outside `trainer`.
         base = self.base_cfg
         if OmegaConf.is_config(base):
@@ -401,7 +437,7 @@ class Trainer:
     def _fit_stage(self, task: Task, data: DataModule, index: int, spec: dict[str, Any], resume: dict | None,
                    progress: Progress) -> None:
         name = spec.get("name", "train")
-        task.on_stage_start(name, data)
+        start_stage(task, spec, data)
         cfg, max_steps, per_epoch = self._stage_length(data, spec)
         self.cfg = cfg
         task.to(self.device)
@@ -428,19 +464,18 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         step, epoch, batch_in_epoch = 0, 0, 0
-        if resume is not None:
+        if resume is not None:  # mid-stage (a checkpoint at a stage's end starts the next stage fresh: `fit`)
+            for k, opt in optimizers.items():
+                opt.load_state_dict(resume["optimizers"][k])
+            for k, s in schedulers.items():
+                s.load_state_dict(resume["schedulers"][k])
+            if scaler is not None and resume.get("scaler"):
+                scaler.load_state_dict(resume["scaler"])
             pos = resume["position"]
-            if pos.get("stage_end") is None:  # mid-stage: this stage's optimizers; at a boundary they start fresh
-                for k, opt in optimizers.items():
-                    opt.load_state_dict(resume["optimizers"][k])
-                for k, s in schedulers.items():
-                    s.load_state_dict(resume["schedulers"][k])
-                if scaler is not None and resume.get("scaler"):
-                    scaler.load_state_dict(resume["scaler"])
-                step, epoch, batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
-                # the losses summed since the last log point, so the next logged mean is the uninterrupted one's
-                sums = {k: v.to(self.device) for k, v in (pos.get("log_sums") or {}).items()}
-                counts = dict(pos.get("log_counts") or {})
+            step, epoch, batch_in_epoch = pos["step"], pos["epoch"], pos["batch_in_epoch"]
+            # the losses summed since the last log point, so the next logged mean is the uninterrupted one's
+            sums = {k: v.to(self.device) for k, v in (pos.get("log_sums") or {}).items()}
+            counts = dict(pos.get("log_counts") or {})
             set_rng_state(resume["rng"])
 
         params = {k: [p for g in o.param_groups for p in g["params"]] for k, o in optimizers.items()}
@@ -469,11 +504,12 @@ class Trainer:
         # collects (asynchronous, on the CPU), so ranks agree within one step without a sync per step.
         vote = distributed.StopVote() if self.dist.enabled else None
         progress.start(name, max_steps, step)
+        first_step, stage_t0 = step, time.perf_counter()
         profiler = self._profiler(cfg)
         anomaly = torch.autograd.detect_anomaly() if cfg.detect_anomaly else contextlib.nullcontext()
         micro = 0
         stop_early = False
-        with anomaly:
+        with anomaly, contextlib.closing(progress):  # the bar stops before any message, Ctrl-C's included
             while step < max_steps and not stop_early:
                 if batch_in_epoch >= per_epoch:
                     epoch, batch_in_epoch = epoch + 1, 0
@@ -493,6 +529,9 @@ class Trainer:
                     self.global_step += 1
                     if profiler is not None:
                         profiler.step()
+                    progress.tick(step, sums, counts)
+                    if self.announce_duration and step - first_step == ANNOUNCE_AFTER:
+                        self._announce_duration(name, step, max_steps, time.perf_counter() - stage_t0)
                     done = step >= max_steps
                     if cfg.log_every and (step % cfg.log_every == 0 or done):
                         self._log(sums, counts, optimizers, name, step, epoch, progress)
@@ -517,6 +556,11 @@ class Trainer:
                         stage_end={"name": name, "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch})
         position.pop("name")
         self.save_checkpoint(task, optimizers, schedulers, scaler, position)
+        if self.stage_cache is not None and self.dist.is_main:
+            from mlrun.records import METRICS
+
+            self.loggers.flush()  # the cached history must hold every row up to this stage's end
+            self.stage_cache.store(index, self.ckpt_dir / "last.pt", self.run_dir / METRICS, self.run_dir)
 
     def _step(self, task: Task, batch: Any, cfg: DictConfig, optimizers: dict, params: dict, others: dict,
               scaler: Any, accumulate: int, boundary: bool, sums: dict, counts: dict, step: int) -> bool:
