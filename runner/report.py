@@ -258,11 +258,12 @@ def rows(runs: list[dict[str, Any]], studies: list[dict[str, Any]], detail: bool
             if name not in used:
                 results.append(_row(exp, "study", name, derived[name], {}, paper))
         if detail or not (specs or derived):
+            shown_here = {(r["run"], r["metric"]) for r in results if r["experiment"] == exp}  # a set: linear cost
             for lb in labels:
                 names = sorted({k for r in counted[(exp, lb)] for k in (r.get("metrics") or {})
                                 if str(k).startswith("test/")})
                 for name in names:
-                    if not any(r["run"] == lb and r["metric"] == name for r in results if r["experiment"] == exp):
+                    if (lb, name) not in shown_here:
                         results.append(_row(exp, lb, name, _values(counted[(exp, lb)], name), {}, paper))
         for s in mine:
             seeds = seed_text(_seeds_of(s))
@@ -305,12 +306,14 @@ def plain(value: Any, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-_MD = re.compile(r"([\\`*\[\]<!|~])")
+_MD = re.compile(r"([\\`*\[\]!|~])")
 
 
 def md(value: Any) -> str:
-    """A record's string made inert in markdown/HTML: no markup, no links, no images, no table breaks."""
-    return _MD.sub(r"\\\1", plain(value).replace("&", "&amp;"))
+    """A record's string made inert in markdown/HTML: no tags (`<` and `>` as entities, which every renderer
+    shows as text), no markup, no links, no images, no table breaks."""
+    text = plain(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MD.sub(r"\\\1", text)
 
 
 def safe_name(value: Any) -> str:
@@ -389,6 +392,8 @@ def _relpath(path: Path, start: Path) -> str:
     return os.path.relpath(path.resolve(), start.resolve())
 
 
+TERMINAL_ROWS = 200
+"""Result rows shown per experiment on the terminal."""
 COLORS = {"held": "green", "fragile": "yellow", "failed": "red", "unknown": "magenta"}
 
 
@@ -415,9 +420,12 @@ def print_rich(results: list[dict], claims: list[dict], excluded: list[dict], de
             t = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
             for col in ("run", "metric", "ours", "paper", "diff"):
                 t.add_column(col, overflow="fold")
-            for r in mine:
+            for r in mine[:TERMINAL_ROWS]:
                 t.add_row(*(Text(plain(r[c], 120)) for c in ("run", "metric", "ours", "paper", "diff")))
             console.print(t)
+            if len(mine) > TERMINAL_ROWS:  # a terminal table's cost grows faster than its rows
+                console.print(Text(f"  ... and {len(mine) - TERMINAL_ROWS} more rows (--format markdown, csv or "
+                                   "json lists them all)", style="dim"))
         grid = Table.grid(padding=(0, 1), pad_edge=True)
         grid.add_column(no_wrap=True, min_width=12)
         grid.add_column(overflow="fold")
@@ -635,11 +643,16 @@ def sync_main(argv: list[str]) -> int:
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
     dirs = [Path(d) for d in (args.dirs or [d for d in DEFAULT_DIRS if Path(d).exists()])]
+    missing = [d for d in dirs if not d.is_dir()]
+    if missing:
+        print(f"mlrun sync: no such dir: {', '.join(map(str, missing))}", file=sys.stderr)
+        return 2
     todo = []
     for d in dirs:
         for p in Path(d).rglob(RESULTS):
             try:
-                status = read_json(p).get("status")
+                rec = read_json(p)
+                status = rec.get("status") if isinstance(rec, dict) else None
             except (OSError, ValueError):
                 continue
             if status != "completed":

@@ -54,8 +54,8 @@ BAD = [
     # exit 0 while training wrongly, before: each is now refused at start, naming key, value and what is allowed
     ("trainer.clip_grad_norm=-1", "trainer.clip_grad_norm=-1.0: expected a number > 0 or null"),
     ("trainer.mode=maximize", "trainer.mode=maximize: expected one of max, min"),
-    ("trainer.precision=8", "trainer.precision=8: expected one of 32, bf16, 16, bf16-mixed, 16-mixed, fp16"),
-    ("trainer.precision=bf17", "trainer.precision=bf17: expected one of 32, bf16, 16, bf16-mixed, 16-mixed, fp16 "
+    ("trainer.precision=8", "trainer.precision=8: expected one of 32, bf16, 16, auto, bf16-mixed, 16-mixed, fp16"),
+    ("trainer.precision=bf17", "trainer.precision=bf17: expected one of 32, bf16, 16, auto, bf16-mixed, 16-mixed, fp16 "
                                "(did you mean bf16?)"),
     ("hardware.nproc_per_node=0", "hardware.nproc_per_node=0: expected an integer >= 1"),
     ("hardware.nproc_per_node=-2", "hardware.nproc_per_node=-2: expected an integer >= 1"),
