@@ -293,21 +293,168 @@ def read_only(base: Path) -> list[dict]:
     return out
 
 
-ITEMS = {"4": setup_failures, "5": kill_and_resume, "6": secrets_on_disk, "7": two_runs_one_dir, "8": disk_full,
+# ------------------------------------------------------------------------------------------ items 1-3 (report)
+
+
+def _record(name: str, **extra) -> dict:
+    rec = {"experiment": name, "label": "run", "seed": 0, "status": "completed", "config_digest": "d",
+           "config_digest_noseed": "d", "metrics": {"test/acc": 0.9},
+           "paper": {"title": "t", "table": "T1", "metrics": {"test/acc": 0.95}},
+           "claims": [{"name": "acc", "lhs": "test/acc", "op": ">=", "rhs": 0.5, "status": "held", "lhs_value": 0.9,
+                       "rhs_value": 0.5}], "finished_at": "2026-11-29T00:00:00+00:00"}
+    rec.update(extra)
+    return rec
+
+
+def _put(d: Path, rec: object) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "results.json").write_text(rec if isinstance(rec, str) else json.dumps(rec))
+    return d
+
+
+def report_figures(base: Path) -> list[dict]:
+    victim = base / "victim_home/.ssh"
+    victim.mkdir(parents=True)
+    (victim / "authorized_keys").write_text("owner's key\n")
+    d = _put(base / "outputs/a", _record("../../victim_home/.ssh/authorized", figures=["keys"]))
+    (d / "keys").write_text("attacker's key\n")
+    _put(base / "outputs/b", _record("passwd", figures=["/etc/passwd"]))
+    d = _put(base / "outputs/c", _record("linked", figures=["fig.png"]))
+    (d / "fig.png").symlink_to("/etc/passwd")
+    p = subprocess.run([exe(), "report", "outputs", "--format", "markdown", "--out", "rep/REPORT.md",
+                        "--figures-dir", "rep/figs"], cwd=base, env=env(), capture_output=True, text=True,
+                       timeout=300)
+    copied = [f for f in (base / "rep").rglob("*") if f.is_file()]
+    return [{"item": 1, "case": "--figures-dir with crafted experiment names and figure paths",
+             "command": "mlrun report outputs --format markdown --out rep/REPORT.md --figures-dir rep/figs",
+             "rc": p.returncode, "victim's authorized_keys overwritten":
+                 (victim / "authorized_keys").read_text() != "owner's key\n",
+             "/etc/passwd copied into the report": any("root:" in f.read_text(errors="ignore") for f in copied),
+             "files written outside rep/": sorted(str(f.relative_to(base)) for f in base.rglob("*") if f.is_file()
+                                                  and "rep" not in f.parts and "outputs" not in f.parts
+                                                  and "victim_home" not in f.parts)}]
+
+
+HOSTILE = ["[bold red]PWNED[/]", "[link=http://evil.example]click[/link]", "\x1b[2J\x1b[HALL CLAIMS HELD",
+           "line1\nline2 | injected |", "<script>alert(1)</script>", "![](http://evil.example/pixel.png)"]
+
+
+def report_escaping(base: Path) -> list[dict]:
+    for i, s in enumerate(HOSTILE):
+        _put(base / "outputs" / f"r{i}", _record(f"exp{i}{s}", claims=[{"name": s, "lhs": "test/acc", "op": ">=",
+                                                                         "rhs": 0.5, "status": "held",
+                                                                         "lhs_value": 0.9, "rhs_value": 0.5}]))
+    (base / "README.md").write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    e = env(FORCE_COLOR="1", COLUMNS="100")
+    term = subprocess.run([exe(), "report", "outputs"], cwd=base, env=e, capture_output=True, text=True,
+                          timeout=300)
+    md = subprocess.run([exe(), "report", "outputs", "--format", "markdown", "--out", "R.md", "--readme",
+                         "README.md"], cwd=base, env=e, capture_output=True, text=True, timeout=300)
+    text = (base / "R.md").read_text() if (base / "R.md").exists() else ""
+    readme = (base / "README.md").read_text()
+    return [{"item": 2, "case": "record strings with rich markup, ANSI escapes, newlines, HTML, images",
+             "command": "mlrun report outputs; mlrun report outputs --format markdown --out R.md --readme README.md",
+             "rc": [term.returncode, md.returncode],
+             "terminal: markup interpreted": "[bold red]PWNED[/]" not in term.stdout and term.returncode == 0,
+             "terminal: raw ESC[2J / OSC-8 link": "\x1b[2J" in term.stdout or "\x1b]8;" in term.stdout,
+             "markdown/README: live <script>": "<script>" in text + readme and "\\<script>" not in text + readme,
+             "markdown/README: image": "![](" in text + readme,
+             "markdown/README: newline breaks a row": "line1\nline2" in text + readme}]
+
+
+def report_malformed(base: Path) -> list[dict]:
+    cases = {"a JSON list": [1, 2], "claims: 'abc'": _record("a", claims="abc"),
+             "paper: 'abc'": _record("b", paper="abc"),
+             "metrics: a list": _record("c", metrics=[1]), "a claim that is a number": _record("d", claims=[5]),
+             "a claim with junk fields": _record("e", claims=[{"name": "x", "status": 5, "lhs_value": "abc"}]),
+             "[/nope] in a name": _record("[/nope]"), "seed: a string": _record("f", seed="zero"),
+             "status: a dict": _record("g", status={"a": 1}),
+             "paper metrics: a list": _record("h", paper={"metrics": [1]}),
+             "a metric that is a dict": _record("i", metrics={"test/acc": {"a": 1}}),
+             "figures: a string": _record("j", figures="x.png"), "truncated": '{"experiment": "x", "metr',
+             "deeply nested": "[" * 100000 + "]" * 100000}
+    studies = {"study claims: 'abc'": {"experiment": "s", "claims": "abc", "runs": []},
+               "a study claim with junk": {"experiment": "s", "claims": [{"name": "c", "per_seed": [1, "x"]}],
+                                           "runs": []},
+               "study runs: junk": {"experiment": "s", "runs": [1, "x", None], "claims": []}}
+    crashed = []
+    for name, rec in [*cases.items(), *studies.items()]:
+        d = base / name.replace(" ", "_").replace("'", "").replace("/", "_").replace("[", "").replace("]", "")
+        if name in studies:
+            d.mkdir(parents=True)
+            (d / "study.json").write_text(json.dumps(rec))
+        else:
+            _put(d / "run", rec)
+        _put(d / "ok", _record("fine"))
+        for fmt in ("table", "markdown", "json"):
+            p = subprocess.run([exe(), "report", str(d), "--format", fmt], cwd=base, env=env(), capture_output=True,
+                               text=True, timeout=300)
+            if p.returncode != 0 or "Traceback" in p.stderr or "fine" not in p.stdout:
+                crashed.append(f"{name} ({fmt})")
+    return [{"item": 3, "case": f"{len(cases) + len(studies)} malformed records, each beside a good one, "
+                                "3 output formats",
+             "command": "mlrun report <dir> --format table|markdown|json",
+             "cases that crashed or lost the good record": f"{len(crashed)} of {3 * (len(cases) + len(studies))}",
+             "detail": crashed}]
+
+
+def report_huge(base: Path) -> list[dict]:
+    rec = _record("big", metrics={f"test/m{i}": i * 0.5 for i in range(300_000)}, paper={})
+    _put(base / "outputs/big", rec)
+    out = {}
+    for fmt in ("json", "table"):
+        t = time.perf_counter()
+        try:
+            p = subprocess.run(["/usr/bin/time", "-f", "%M", exe(), "report", "outputs", "--format", fmt], cwd=base,
+                               env=env(), capture_output=True, text=True, timeout=300)
+            kb = int(p.stderr.strip().splitlines()[-1])
+            out[fmt] = f"{time.perf_counter() - t:.1f} s, {kb / 1024:.0f} MB"
+        except subprocess.TimeoutExpired:
+            out[fmt] = "over 300 s"
+    size = (base / "outputs/big/results.json").stat().st_size / 1e6
+    return [{"item": 3, "case": f"one results.json of {size:.1f} MB with 300k metrics",
+             "command": "mlrun report outputs --format json; mlrun report outputs", "json": out["json"],
+             "table": out["table"]}]
+
+
+ITEMS = {"1": report_figures, "2": report_escaping, "3": report_malformed, "3b": report_huge, "4": setup_failures,
+         "5": kill_and_resume, "6": secrets_on_disk, "7": two_runs_one_dir, "8": disk_full,
          "9": crafted_cifar, "10": read_only}
+
+
+def table(before: list[dict], after: list[dict]) -> str:
+    """Markdown: each case, its command, what was seen before and after."""
+    def seen(r: dict | None) -> str:
+        if r is None:
+            return "-"
+        parts = [f"{k}: {v}" for k, v in r.items() if k not in ("item", "case", "command", "detail")]
+        return "; ".join(parts).replace("|", "\\|").replace("\n", " ")
+
+    after_by = {(r["item"], r["case"]): r for r in after}
+    out = ["| item | case | command | before | after |", "|---|---|---|---|---|"]
+    for r in before:
+        a = after_by.get((r["item"], r["case"]))
+        out.append(f"| {r['item']} | {r['case']} | `{r['command'][:160]}` | {seen(r)} | {seen(a)} |")
+    return "\n".join(out) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="write the observations here (JSON)")
     ap.add_argument("--items", nargs="*", default=list(ITEMS))
+    ap.add_argument("--table", nargs=2, metavar=("BEFORE", "AFTER"), help="print the before/after markdown table")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table[0]).read_text()), json.loads(Path(args.table[1]).read_text())), end="")
+        return
     base = Path(tempfile.mkdtemp(prefix="mlrun_faults_"))
     records = []
     try:
         for item in args.items:
             t = time.perf_counter()
-            got = ITEMS[item](base / f"item{item}" if (base / f"item{item}").mkdir() is None else base)
+            where = base / f"item{item}"
+            where.mkdir()
+            got = ITEMS[item](where)
             for r in got:
                 print(json.dumps(r), flush=True)
             print(f"# item {item}: {time.perf_counter() - t:.0f} s", flush=True)

@@ -254,7 +254,6 @@ def _reuse(cfg: DictConfig, run_dir: Path, res: dict[str, Any]) -> dict[str, Any
 
 def _run(cfg: DictConfig, run_dir: Path, start: Start, worker: bool) -> dict[str, Any]:
     import torch
-    from hydra.utils import instantiate
 
     from mlrun import distributed
     from mlrun.loggers import Loggers, redact, register_secrets
@@ -311,8 +310,8 @@ def _run(cfg: DictConfig, run_dir: Path, start: Start, worker: bool) -> dict[str
                 record.on_close(lambda r: loggers.finish(_summary(r), failed=r["status"] != "completed"))
                 record.on_close(lambda r: _mark_resumed(resume_dir, run_dir))
             seed_everything(int(cfg.seed), cfg.trainer.deterministic)
-            data = instantiate(cfg.dataset, _convert_="object")
-            task = instantiate(cfg.model, _convert_="object")
+            data = _build("dataset", cfg.dataset)
+            task = _build("model", cfg.model)
             task.cache_dir = run_dir / "cache" if main else None
             trainer = Trainer(cfg.trainer, device, run_dir, loggers, int(cfg.seed), dist, wandb_id=loggers.wandb_id)
             trainer.channels_last = bool(cfg.hardware.channels_last) and device.type == "cuda"
@@ -342,6 +341,17 @@ def _run(cfg: DictConfig, run_dir: Path, start: Start, worker: bool) -> dict[str
             remove_temp_files(run_dir)
     log.info(closing_line(results, run_dir))
     return results
+
+
+def _build(group: str, node: Any) -> Any:
+    """Instantiate a config group; an error names the group (a Hydra error at the top of a group names no key)."""
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, _convert_="object")
+    except Exception as e:
+        e.config_key = group  # type: ignore[attr-defined]
+        raise
 
 
 def _train_and_test(cfg: DictConfig, task: Any, data: Any, trainer: Any, state: dict | None,

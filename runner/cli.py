@@ -57,6 +57,22 @@ _OUTCOME: dict[str, Any] = {}
 
 
 def _job(cfg: Any) -> float | None:
+    """Hydra's task: one run, every failure of which is one line (a traceback only with HYDRA_FULL_ERROR=1)."""
+    try:
+        return _run_job(cfg)
+    except Exception as e:  # noqa: BLE001 - e.g. a hydra.run.dir that does not resolve
+        if os.environ.get("MLRUN_TRACEBACK"):
+            raise
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        from mlrun.errors import describe
+
+        _fail(describe(e), HydraConfig.get().mode == RunMode.MULTIRUN)
+        return None
+
+
+def _run_job(cfg: Any) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import OmegaConf
@@ -214,7 +230,8 @@ def _record_failed_start(cfg: Any, run_dir: Path, error: str) -> None:
         label, seed = None, None
     try:
         write_json(run_dir / RESULTS, {"experiment": cfg.get("experiment_name"), "label": label, "seed": seed,
-                                       "status": "failed", "error": error, "started_at": utc_now(),
+                                       "status": "failed", "failed_start": True, "error": error,
+                                       "started_at": utc_now(),
                                        "finished_at": utc_now(), "run_dir": str(run_dir), "metrics": {},
                                        "claims": []})
     except Exception:  # noqa: BLE001

@@ -43,9 +43,9 @@ class Interrupted(MlrunError):
 def describe(e: BaseException) -> str:
     """One line for any error: ours as written; Hydra's instantiation errors by their underlying cause, named
     by the config key that failed; anything else as `Type: first line of the message`."""
-    key = None
+    key = getattr(e, "config_key", None)  # set where a config group is built (mlrun.app)
     while type(e).__name__ == "InstantiationException" and e.__cause__ is not None:
-        key = key or _full_key(str(e))
+        key = _full_key(str(e)) or key
         if str(e).startswith("Error locating target"):  # Hydra's own line says it better than the ImportError
             cause = str(e.__cause__).strip().splitlines()
             return f"{key}: {str(e).split(',')[0]}" + (f" ({cause[-1].strip()})" if cause else "")
@@ -65,7 +65,7 @@ def describe(e: BaseException) -> str:
     else:
         text = f"{type(e).__name__}: {e}"
     text = " ".join(line.strip() for line in text.strip().splitlines()[:1]) or type(e).__name__
-    return f"{key}: {text}" if key and not text.startswith(key) else text
+    return f"{key}: {text}" if key and not text.startswith(f"{key}:") else text
 
 
 def _full_key(message: str) -> str | None:

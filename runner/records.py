@@ -197,14 +197,16 @@ class RunDir:
 
     def holds(self) -> str | None:
         """What earlier run's records the dir holds, if any."""
+        history = (self.path / METRICS).exists() or (self.path / "checkpoints").is_dir()
         if (self.path / RESULTS).exists():
             try:
-                return f"status {read_json(self.path / RESULTS).get('status', 'unknown')}"
+                res = read_json(self.path / RESULTS)
+                if res.get("failed_start") and not history:
+                    return None  # a sweep job that never started: a relaunch into the same dir takes its place
+                return f"status {res.get('status', 'unknown')}"
             except (OSError, ValueError, AttributeError):
                 return "an unreadable results.json"
-        if (self.path / METRICS).exists() or (self.path / "checkpoints").is_dir():
-            return "metrics.jsonl or checkpoints"
-        return None
+        return "metrics.jsonl or checkpoints" if history else None
 
     def release(self) -> None:
         if self._fd is not None:
