@@ -446,9 +446,10 @@ def _launch_ddp(cfg: DictConfig, run_dir: Path, start: Start) -> dict[str, Any]:
     nproc = int(cfg.hardware.nproc_per_node)
     log.info("starting %d data-parallel workers (%d node(s)); records in %s", nproc, cfg.hardware.nnodes, run_dir)
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.hardware.threads or 1))
-    elastic = logging.getLogger("torch.distributed.elastic")
-    level = elastic.level
-    elastic.setLevel(logging.CRITICAL)  # its failure report is a page; ours is one line
+    quiet = [logging.getLogger(n) for n in ("torch.distributed.elastic", "torch.multiprocessing")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)  # their failure report is a page; ours is one line
     error = None
     global _DDP_WORKERS
     _DDP_WORKERS = True
@@ -458,7 +459,8 @@ def _launch_ddp(cfg: DictConfig, run_dir: Path, start: Start) -> dict[str, Any]:
         error = e
     finally:
         _DDP_WORKERS = False
-        elastic.setLevel(level)
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
     res = _read_results(run_dir)
     if res.get("status") == "running" or (error is not None and res.get("status") == "completed"):
         res.update(status="interrupted" if type(error).__name__ == "SignalException" else "failed",

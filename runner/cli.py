@@ -308,7 +308,7 @@ class SweepGuard(_Callback):
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         import signal
 
-        self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        self.sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
         (self.sweep_dir / STOP).unlink(missing_ok=True)  # relaunched into the same dir: start afresh
         self._old: dict[int, Any] = {}
 

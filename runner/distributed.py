@@ -127,23 +127,25 @@ class StopVote:
         self.group = None if dist.get_backend() == "gloo" else _cpu_group()
         self._pending: tuple[Any, torch.Tensor] | None = None
 
-    def step(self, stop: bool) -> bool:
+    def step(self, code: int) -> int:
+        """Vote `code` (0: go on; else why to stop, a signal number, say); return the previous step's outcome, the
+        largest code any rank voted (0: every rank goes on)."""
         agreed = self._collect()
-        flag = torch.tensor([1 if stop else 0], dtype=torch.int32)
-        self._pending = (dist.all_reduce(flag, group=self.group, async_op=True), flag)
+        flag = torch.tensor([int(code)], dtype=torch.int32)
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
         return agreed
 
-    def close(self) -> bool:
+    def close(self) -> int:
         """The last vote's outcome (call where the loop ends, on every rank)."""
         return self._collect()
 
-    def _collect(self) -> bool:
+    def _collect(self) -> int:
         if self._pending is None:
-            return False
+            return 0
         work, flag = self._pending
         self._pending = None
         work.wait()
-        return int(flag.item()) > 0
+        return int(flag.item())
 
 
 _CPU_GROUP: Any = None

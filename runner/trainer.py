@@ -40,6 +40,20 @@ __all__ = ["Interrupted", "NonFiniteLoss", "Trainer", "request_stop", "seed_ever
 _fitting: list[Trainer] = []  # the trainers inside `signals()` in this process
 
 
+def _stop_code(reason: str | None) -> int:
+    """A stop request as a number ranks can vote with: the signal's number, 1 for any other reason, 0 for none."""
+    if reason is None:
+        return 0
+    return signal.Signals[reason].value if reason in signal.Signals.__members__ else 1
+
+
+def _stop_reason(code: int) -> str:
+    """What another rank's vote said."""
+    if code > 1:
+        return f"{signal.Signals(code).name} to another worker"
+    return "a stop asked by another worker"
+
+
 def request_stop(reason: str) -> bool:
     """Ask every trainer running in this process to checkpoint and stop after its current step, as SIGINT would
     (a sweep being stopped); False when none is running."""
@@ -494,10 +508,10 @@ class Trainer:
                             log_sums={k: v.detach().cpu().clone() for k, v in sums.items()}, log_counts=dict(counts))
             self.save_checkpoint(task, optimizers, schedulers, scaler, position, name_)
 
-        def interrupted() -> Interrupted:
+        def interrupted(code: int = 0) -> Interrupted:
             save()
             self.loggers.flush()
-            why = self._stop_signal or "a stop agreed with another rank"
+            why = self._stop_signal or _stop_reason(code)
             return Interrupted(f"{why} at step {step}: checkpoint saved")
 
         # Under DDP every rank must stop at the same step: each step's stop flag joins an all-reduce the next step
@@ -539,15 +553,15 @@ class Trainer:
                         stop_early = self._eval_and_track(task, data, name, cfg, step, epoch, save)
                     if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not done:
                         save()
-                    stop_now = self._stop_signal is not None
+                    stop_now = _stop_code(self._stop_signal)
                     if vote is not None:
                         stop_now = vote.step(stop_now)
                     if stop_now:
-                        raise interrupted()
+                        raise interrupted(stop_now)
                     if done or stop_early:
                         break
-        if vote is not None and vote.close():
-            raise interrupted()
+        if vote is not None and (code := vote.close()):
+            raise interrupted(code)
         if profiler is not None:
             self._finish_profiler(profiler)
         progress.close()

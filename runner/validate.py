@@ -1,4 +1,5 @@
-"""`mlrun validate`: compose every experiment with every hardware preset and check each `_target_`.
+"""`mlrun validate`: compose every experiment with every hardware preset and check each `_target_` and each value
+against what the schema allows.
 
 All problems are printed at once, each with the experiment, the key and the config file it most likely comes
 from; torch is imported only when a target's module needs it (to read its signature).
@@ -82,6 +83,9 @@ def validate(names: list[str], hardware: list[str]) -> list[str]:
             except Exception as e:  # noqa: BLE001
                 problems.append(f"{where}: does not compose: {str(e).splitlines()[0]}")
                 continue
+            from mlrun.schema import problems_of
+
+            problems += [f"{where}: {p}" for p in problems_of(cfg)]  # choices, ranges, keys added with `+`
             if hw != hardware[0]:
                 continue  # targets and claims do not depend on the hardware preset
             c = OmegaConf.to_container(cfg, resolve=False)
