@@ -170,7 +170,7 @@ def _start_study_group(config: Any) -> str:
             except (OSError, ValueError):
                 continue
             if r.get("digest") == digest and p.parent.resolve() != sweep_dir.resolve() and r.get("group"):
-                earlier.append((float(r.get("created", 0)), str(p.parent), str(r["group"])))
+                earlier.append((float(r.get("created", 0)), str(p.parent.resolve()), str(r["group"])))
         if earlier:
             _, adopted, group = max(earlier)
             log.info("resume=auto: W&B group %s of the earlier launch %s", group, adopted)
@@ -179,30 +179,40 @@ def _start_study_group(config: Any) -> str:
     return group
 
 
-def _origin(run_dir: Path) -> Path:
-    """The first run of a resume chain (results.json's `resumed_from`, followed back)."""
+def _origin(run_dir: Path) -> Path | None:
+    """The first run of a resume chain (results.json's `resumed_from`, followed back); None when a link of the
+    chain is not a run dir on this machine (a downloaded or moved checkpoint)."""
     seen = set()
     while run_dir.resolve() not in seen:
         seen.add(run_dir.resolve())
         try:
-            prev = read_json(run_dir / RESULTS).get("resumed_from")
+            res = read_json(run_dir / RESULTS)
         except (OSError, ValueError):
-            return run_dir
+            return None
+        if Path(res.get("run_dir") or run_dir).resolve() != run_dir.resolve():
+            return None  # moved, or an artifact's copy of results.json: its sweep is elsewhere
+        prev = res.get("resumed_from")
         if not prev:
             return run_dir
         prev = Path(prev)
-        run_dir = prev.parent.parent if prev.suffix == ".pt" else prev
-    return run_dir
+        prev = prev.parent.parent if prev.suffix == ".pt" else prev
+        if prev.resolve() == run_dir.resolve():  # continued in its own dir (a requeued job)
+            return run_dir
+        run_dir = prev
+    return None
 
 
-def run_group(run_dir: Path, experiment: str, resumed_from: Path | str | None = None) -> str:
+def run_group(run_dir: Path, experiment: str, resumed_from: Path | str | None = None) -> str | None:
     """A run's W&B group: its sweep's (wandb_group.json beside its dir), else its experiment's name.
 
-    A resumed run keeps the group of the chain's first run, wherever this run's own dir is."""
-    origin = Path(run_dir)
+    A resumed run keeps the group of the chain's first run, wherever this run's own dir is; None (W&B keeps the
+    run's group) when that first run's records are not here."""
+    origin: Path | None = Path(run_dir)
     if resumed_from:
         prev = Path(resumed_from)
         origin = _origin(prev.parent.parent if prev.suffix == ".pt" else prev)
+        if origin is None:
+            return None
     try:
         return str(read_json(origin.parent / GROUP_FILE)["group"])
     except (OSError, ValueError, KeyError):
