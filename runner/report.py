@@ -405,7 +405,7 @@ def sync_main(argv: list[str]) -> int:
                 todo += sorted((p.parent / "wandb").glob("offline-run-*"))
         for p in sorted(Path(d).rglob(STUDY)):  # the study's own run (job_type study), logged once it is gathered
             todo += sorted((p.parent / "wandb").glob("offline-run-*"))
-    todo = list(dict.fromkeys(todo))
+    todo = sorted(dict.fromkeys(todo), key=lambda p: (p.name, str(p)))  # offline-run-<start time>-<id>: in order
     if not todo:
         print("mlrun sync: no finished offline W&B runs found")
         return 0
