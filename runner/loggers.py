@@ -476,9 +476,11 @@ def study_summary(study: dict[str, Any]) -> dict[str, Any]:
                 out[name] = st["median"]
     claims = study.get("claims") or []
     runs = study.get("runs") or []
+    out.update({f"claims/{st}": sum(c.get("status") == st for c in claims)
+                for st in ("held", "fragile", "failed", "unknown")})
     out.update({
-        "claims/held": sum(c.get("status") == "held" for c in claims), "claims/total": len(claims),
-        "runs/completed": sum(r.get("status") == "completed" for r in runs), "runs/total": len(runs),
+        "claims/total": len(claims), "runs/total": len(runs),
+        "runs/completed": sum(r.get("status") == "completed" for r in runs),
         "status": study.get("status", "unknown"),
     })
     for k in ("elapsed_s", "wall_time_s"):
