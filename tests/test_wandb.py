@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mlrun import run
-from mlrun.loggers import Loggers, claim_rows, offline_records, paper_values, run_group, run_tags
+from mlrun.loggers import Loggers, claim_rows, log_study, offline_records, paper_values, run_group, run_tags
 from mlrun.records import write_json
 from mlrun.trainer import Trainer
 
@@ -148,6 +148,41 @@ def test_a_two_seed_study_is_two_runs_and_one_study_run_in_one_group(offline):
     assert groups[2]["group"] not in (group, None) and groups[2]["adopted_from"] is None
     (relaunch_study,) = offline_runs(sweeps[1])  # reused runs add no W&B run: theirs is in the group already
     assert relaunch_study["job_type"] == "study" and relaunch_study["group"] == group
+
+
+def test_the_study_run_carries_its_figures_and_paired_claims(offline):
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    sweep = offline / "sw"
+    write_json(sweep / "wandb_group.json", {"group": "exp_2026-01-01_00-00-00_abcdef"})
+    (sweep / "figures").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(sweep / "figures" / "curve.png")
+    claim = {"name": "bn beats none", "status": "fragile", "op": ">=", "lhs": "bn", "rhs": "none", "median": 0.05,
+             "held_count": 1, "n_seeds": 2, "per_seed": [
+                 {"seed": 0, "lhs": 0.9, "rhs": 0.8, "margin": 0.1, "held": True},
+                 {"seed": 1, "lhs": 0.7, "rhs": 0.8, "margin": -0.1, "held": False}]}
+    study = {"experiment": "exp", "status": "completed", "paper": {"arxiv": "1502.03167", "metrics": {"gap": 0.2}},
+             "derived": {"gap": 0.05}, "claims": [claim], "figures": ["figures/curve.png"],
+             "groups": {"bn": {"test/acc": {"median": 0.8, "mean": 0.8, "std": 0.1, "n": 2}}},
+             "runs": [{"label": "bn", "seed": s, "status": "completed"} for s in (0, 1)]}
+    write_json(sweep / "study.json", study)
+    cfg = OmegaConf.create({"experiment_name": "exp", "scale": "cpu", "logger": {
+        "wandb": True, "project": "mlrun", "entity": None, "mode": None, "tags": [], "init_timeout": 60}})
+    run_id = log_study(study, sweep, cfg)
+    (r,) = offline_runs(sweep)
+    assert r["id"] == run_id and (r["group"], r["job_type"]) == ("exp_2026-01-01_00-00-00_abcdef", "study")
+    assert r["tags"] == ["exp", "arxiv:1502.03167", "scale:cpu"] and r["config"]["paper"] == study["paper"]
+    s = r["summary"]
+    assert (s["gap"], s["paper/gap"], s["claims/fragile"], s["claims/held"], s["runs/completed"]) == (
+        0.05, 0.2, 1, 0, 2)
+    assert s["figures/curve/_type"] == "image-file"
+    assert [(c["held_seeds"], c["median"], c["status"]) for c in table(r, "claims")] == [("1/2", 0.05, "fragile")]
+    assert [(row["seed"], row["margin"], row["held"]) for row in table(r, "claims_per_seed")] == [
+        (0, 0.1, True), (1, -0.1, False)]
+    (art,) = [a for a in r["artifacts"] if a["type"] == "study"]
+    assert sorted(art["files"]) == ["figures/curve.png", "study.json"]
+    assert art["files"]["study.json"].read_text() == (sweep / "study.json").read_text()
 
 
 # ------------------------------------------------------------------------------------------ one run
