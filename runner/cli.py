@@ -112,6 +112,7 @@ Usage:
 Config groups (choose one with group=option):
 {groups}
 Common keys: seed=N  resume=<run dir>|auto  eval_only=true  trainer.max_steps=N  trainer.precision=bf16
+             --no-cache (or cache.stages=false): recompute stages a study's arms would share
              hardware.nproc_per_node=N  logger.project=NAME  dataset.root=PATH
 
 Examples:
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
             from mlrun.report import sync_main
 
             sys.exit(sync_main(rest))
+    if "--no-cache" in argv:  # the stage cache's off switch, as a flag
+        argv = [a for a in argv if a != "--no-cache"] + ["cache.stages=false"]
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.pop("MLRUN_STAMP", None)  # a new launch, a new stamp (job processes inherit it, never call main)
     _stamp()

@@ -93,6 +93,15 @@ class LoggerConf:
 
 
 @dataclass
+class CacheConf:
+    stages: str = "auto"
+    """Reuse an earlier run's end-of-stage checkpoint when the stage's inputs match (mlrun.cache): auto (inside
+    a multirun), true or false (`mlrun --no-cache ...`)."""
+    dir: str | None = None
+    """Where cached stages live (default: `.stage_cache` beside the sweep dir)."""
+
+
+@dataclass
 class MlrunConf:
     """The top level. `model` and `dataset` are `_target_` calls chosen by the experiment."""
 
@@ -101,6 +110,7 @@ class MlrunConf:
     trainer: TrainerConf = field(default_factory=TrainerConf)
     hardware: HardwareConf = field(default_factory=HardwareConf)
     logger: LoggerConf = field(default_factory=LoggerConf)
+    cache: CacheConf = field(default_factory=CacheConf)
     experiment_name: str = "unnamed"
     label: str = "run"
     """Names this run's condition inside a study (runs that differ only by seed share a label)."""
