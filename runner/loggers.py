@@ -413,34 +413,44 @@ def _num(v: Any) -> float | None:
     return f
 
 
-def claim_rows(claims: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]], list[str], list[list[Any]]]:
-    """The claims as two tables: one row per claim, and one row per claim and seed.
+def claim_rows(claims: list[dict[str, Any]], scope: str = "study",
+               ) -> tuple[list[str], list[list[Any]], list[str], list[list[Any]]]:
+    """Claims as two tables: one row per claim, and one row per claim and seed.
 
-    Reads the paired records (`per_seed` [{seed, lhs, rhs, margin, held}], `held_count`, `n_seeds`, `median`)
-    and falls back to a median-only record's `lhs_value`/`rhs_value`.
+    Reads the paired records (`per_seed` [{seed, lhs, rhs, value, held}], `held_count`, `n_seeds`, and `median`,
+    the median per-seed statistic compared with `threshold`) and falls back to a record's `lhs_value`/`rhs_value`
+    when it has no seeds. `scope` is `study` for the study's claims, a label for one arm's own claims.
     """
-    cols = ["claim", "status", "held_seeds", "median", "lhs", "op", "rhs", "lhs_value", "rhs_value", "per_seed",
-            "reason"]
-    seed_cols = ["claim", "seed", "lhs", "rhs", "margin", "held"]
+    cols = ["scope", "claim", "status", "held_seeds", "median", "threshold", "lhs", "op", "rhs", "lhs_value",
+            "rhs_value", "per_seed", "reason"]
+    seed_cols = ["scope", "claim", "seed", "lhs", "rhs", "value", "held"]
     rows, seed_rows = [], []
     for c in claims:
         per_seed = c.get("per_seed") or []
-        held = c.get("held_count", sum(bool(s.get("held")) for s in per_seed) if per_seed else None)
-        n = c.get("n_seeds", len(per_seed) if per_seed else None)
+        held = c.get("held_count")
+        n = c.get("n_seeds")
         text = "; ".join(
             f"s{s.get('seed')}: {_fmt(s.get('lhs'))} {c.get('op', '?')} {_fmt(s.get('rhs'))}"
             f" ({'held' if s.get('held') else 'failed'})" for s in per_seed)
-        median = c.get("median")
         rows.append([
-            c.get("name"), c.get("status"), f"{held}/{n}" if n else "",
-            _num(median) if _num(median) is not None else (None if median is None else str(median)),
-            c.get("lhs"), c.get("op"), c.get("rhs"), _num(c.get("lhs_value")), _num(c.get("rhs_value")), text,
-            c.get("reason", ""),
+            scope, str(c.get("name")), str(c.get("status")), f"{held or 0}/{n}" if n else "", _num(c.get("median")),
+            _num(c.get("threshold")), str(c.get("lhs")), str(c.get("op")), str(c.get("rhs")),
+            _num(c.get("lhs_value")), _num(c.get("rhs_value")), text, str(c.get("reason") or ""),
         ])
         for s in per_seed:
-            seed_rows.append([c.get("name"), s.get("seed"), _num(s.get("lhs")), _num(s.get("rhs")),
-                              _num(s.get("margin")), bool(s.get("held"))])
+            seed_rows.append([scope, str(c.get("name")), s.get("seed"), _num(s.get("lhs")), _num(s.get("rhs")),
+                              _num(s.get("value", s.get("margin"))), bool(s.get("held"))])
     return cols, rows, seed_cols, seed_rows
+
+
+def derived_rows(study: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """Each derived metric over all seeds, then per seed (`derived_per_seed`), one row per metric."""
+    per_seed = study.get("derived_per_seed") or {}
+    seeds = sorted(per_seed, key=lambda s: (len(str(s)), str(s)))
+    derived = study.get("derived") or {}
+    names = list(derived) + sorted({k for v in per_seed.values() for k in v} - set(derived))
+    cols = ["metric", "all_seeds", *(f"s{s}" for s in seeds)]
+    return cols, [[m, _num(derived.get(m)), *(_num(per_seed[s].get(m)) for s in seeds)] for m in names]
 
 
 def _fmt(v: Any) -> str:
@@ -475,7 +485,7 @@ def study_summary(study: dict[str, Any]) -> dict[str, Any]:
             if st:
                 out[name] = st["median"]
     claims = study.get("claims") or []
-    runs = study.get("runs") or []
+    runs = [r for r in study.get("runs") or [] if not r.get("superseded")]  # a rerun replaced it
     out.update({f"claims/{st}": sum(c.get("status") == st for c in claims)
                 for st in ("held", "fragile", "failed", "unknown")})
     out.update({
@@ -524,13 +534,25 @@ def log_study(study: dict[str, Any], sweep_dir: Path, config: Any) -> str | None
         )
         try:
             cols, rows, seed_cols, seed_rows = claim_rows(study.get("claims") or [])
+            for label, run_claims in sorted((study.get("run_claims") or {}).items()):  # each arm's own claims
+                _, more, _, more_seeds = claim_rows(run_claims, scope=label)
+                rows, seed_rows = rows + more, seed_rows + more_seeds
             arm_cols, arms = arm_rows(study)
+            derived_cols, derived = derived_rows(study)
             figures = [sweep_dir / f for f in study.get("figures") or [] if (sweep_dir / f).exists()]
-            record: dict[str, Any] = {"claims": wandb.Table(columns=cols, data=rows),
-                                      "arms": wandb.Table(columns=arm_cols, data=arms)}
-            if seed_rows:
-                record["claims_per_seed"] = wandb.Table(columns=seed_cols, data=seed_rows)
-            record.update({f"figures/{p.stem}": wandb.Image(str(p)) for p in figures})
+            pieces: dict[str, Any] = {
+                "claims": lambda: wandb.Table(columns=cols, data=rows),
+                "arms": lambda: wandb.Table(columns=arm_cols, data=arms),
+                **({"claims_per_seed": lambda: wandb.Table(columns=seed_cols, data=seed_rows)} if seed_rows else {}),
+                **({"derived": lambda: wandb.Table(columns=derived_cols, data=derived)} if derived else {}),
+                **{f"figures/{p.stem}": (lambda p=p: wandb.Image(str(p))) for p in figures},
+            }
+            record: dict[str, Any] = {}
+            for key, make in pieces.items():  # one piece W&B refuses must not lose the others
+                try:
+                    record[key] = make()
+                except Exception as e:  # noqa: BLE001
+                    log.warning("W&B study run: %s left out (%s: %s)", key, type(e).__name__, str(e)[:200])
             run.log(record)
             run.summary.update(study_summary(study))
             art = wandb.Artifact(_artifact_name(f"study-{group}"), type="study", metadata={

@@ -115,13 +115,15 @@ def test_a_two_seed_study_is_two_runs_and_one_study_run_in_one_group(offline):
 
     # the study run: its claims as W&B receives them, the arms, the paper's value beside ours, study.json
     gathered = json.loads((sweep / "study.json").read_text())
-    rows = table(study_run, "claims")
+    rows = [c for c in table(study_run, "claims") if c["scope"] == "study"]
+    own = [(c["claim"], c["status"]) for c in table(study_run, "claims") if c["scope"] == "arm"]
+    assert own == [(c["name"], c["status"]) for c in gathered["run_claims"]["arm"]]  # each run's own claims
     assert [(c["claim"], c["status"]) for c in rows] == [(c["name"], c["status"]) for c in gathered["claims"]]
     assert [c["status"] for c in rows] == ["held", "failed"]
-    if gathered["claims"][0].get("per_seed"):  # paired claims: one value per seed
-        assert rows[0]["held_seeds"] == "2/2" and len(table(study_run, "claims_per_seed")) == 4
-    else:
-        assert rows[0]["lhs_value"] == gathered["claims"][0]["lhs_value"]
+    assert rows[0]["held_seeds"] == "2/2" and rows[0]["lhs_value"] == gathered["claims"][0]["lhs_value"]
+    per_seed = [(c["seed"], c["lhs"]) for c in gathered["claims"][0]["per_seed"]]
+    assert [(row["seed"], row["lhs"]) for row in table(study_run, "claims_per_seed")
+            if row["scope"] == "study" and row["claim"] == "above zero"] == per_seed
     acc = [a for a in table(study_run, "arms") if a["metric"] == "test/acc"]
     assert acc == [{"label": "arm", "metric": "test/acc", "n": 2, "paper": 0.99,
                     **{k: gathered["groups"]["arm"]["test/acc"][k] for k in ("median", "mean", "std")}}]
@@ -159,11 +161,15 @@ def test_the_study_run_carries_its_figures_and_paired_claims(offline):
     (sweep / "figures").mkdir(parents=True)
     Image.new("RGB", (8, 8), "red").save(sweep / "figures" / "curve.png")
     claim = {"name": "bn beats none", "status": "fragile", "op": ">=", "lhs": "bn", "rhs": "none", "median": 0.05,
-             "held_count": 1, "n_seeds": 2, "per_seed": [
-                 {"seed": 0, "lhs": 0.9, "rhs": 0.8, "margin": 0.1, "held": True},
-                 {"seed": 1, "lhs": 0.7, "rhs": 0.8, "margin": -0.1, "held": False}]}
+             "threshold": 0.0, "held_count": 1, "n_seeds": 2, "per_seed": [
+                 {"seed": 0, "lhs": 0.9, "rhs": 0.8, "value": 0.1, "held": True},
+                 {"seed": 1, "lhs": 0.7, "rhs": 0.8, "value": -0.1, "held": False}]}
+    own = {"name": "acc", "status": "held", "op": ">=", "lhs": "test/acc", "rhs": 0.5, "median": 0.8,
+           "held_count": 2, "n_seeds": 2, "per_seed": [{"seed": 0, "lhs": 0.9, "rhs": 0.5, "value": 0.9, "held": True},
+                                                       {"seed": 1, "lhs": 0.7, "rhs": 0.5, "value": 0.7, "held": True}]}
     study = {"experiment": "exp", "status": "completed", "paper": {"arxiv": "1502.03167", "metrics": {"gap": 0.2}},
-             "derived": {"gap": 0.05}, "claims": [claim], "figures": ["figures/curve.png"],
+             "derived": {"gap": 0.05}, "derived_per_seed": {"0": {"gap": 0.1}, "1": {"gap": -0.1}},
+             "claims": [claim], "run_claims": {"bn": [own]}, "figures": ["figures/curve.png"],
              "groups": {"bn": {"test/acc": {"median": 0.8, "mean": 0.8, "std": 0.1, "n": 2}}},
              "runs": [{"label": "bn", "seed": s, "status": "completed"} for s in (0, 1)]}
     write_json(sweep / "study.json", study)
@@ -177,9 +183,11 @@ def test_the_study_run_carries_its_figures_and_paired_claims(offline):
     assert (s["gap"], s["paper/gap"], s["claims/fragile"], s["claims/held"], s["runs/completed"]) == (
         0.05, 0.2, 1, 0, 2)
     assert s["figures/curve/_type"] == "image-file"
-    assert [(c["held_seeds"], c["median"], c["status"]) for c in table(r, "claims")] == [("1/2", 0.05, "fragile")]
-    assert [(row["seed"], row["margin"], row["held"]) for row in table(r, "claims_per_seed")] == [
-        (0, 0.1, True), (1, -0.1, False)]
+    assert [(c["scope"], c["held_seeds"], c["median"], c["status"]) for c in table(r, "claims")] == [
+        ("study", "1/2", 0.05, "fragile"), ("bn", "2/2", 0.8, "held")]
+    assert [(row["scope"], row["seed"], row["value"], row["held"]) for row in table(r, "claims_per_seed")] == [
+        ("study", 0, 0.1, True), ("study", 1, -0.1, False), ("bn", 0, 0.9, True), ("bn", 1, 0.7, True)]
+    assert table(r, "derived") == [{"metric": "gap", "all_seeds": 0.05, "s0": 0.1, "s1": -0.1}]
     (art,) = [a for a in r["artifacts"] if a["type"] == "study"]
     assert sorted(art["files"]) == ["figures/curve.png", "study.json"]
     assert art["files"]["study.json"].read_text() == (sweep / "study.json").read_text()
@@ -254,19 +262,19 @@ def test_a_resumed_runs_group_is_its_first_runs_wherever_it_is(tmp_path):
 
 def test_claims_table_reads_paired_records_and_falls_back_to_medians():
     paired = {"name": "bn beats none", "status": "fragile", "op": ">=", "lhs": "bn", "rhs": "none", "median": 0.02,
-              "held_count": 1, "n_seeds": 2, "per_seed": [
-                  {"seed": 0, "lhs": 0.9, "rhs": 0.8, "margin": 0.1, "held": True},
-                  {"seed": 1, "lhs": 0.7, "rhs": 0.8, "margin": -0.1, "held": False}]}
+              "threshold": 0.0, "held_count": 1, "n_seeds": 2, "per_seed": [
+                  {"seed": 0, "lhs": 0.9, "rhs": 0.8, "value": 0.1, "held": True},
+                  {"seed": 1, "lhs": 0.7, "rhs": 0.8, "value": -0.1, "held": False}]}
     old = {"name": "acc", "status": "held", "op": ">=", "lhs": "test/acc", "rhs": "0.9", "lhs_value": 0.95,
            "rhs_value": 0.9}
     unknown = {"name": "missing", "status": "unknown", "op": ">", "lhs": "x", "rhs": "0", "reason": "no x"}
     cols, rows, seed_cols, seed_rows = claim_rows([paired, old, unknown])
     r = [dict(zip(cols, row, strict=True)) for row in rows]
-    assert (r[0]["held_seeds"], r[0]["median"], r[0]["status"]) == ("1/2", 0.02, "fragile")
+    assert (r[0]["held_seeds"], r[0]["median"], r[0]["threshold"], r[0]["status"]) == ("1/2", 0.02, 0.0, "fragile")
     assert r[0]["per_seed"] == "s0: 0.9 >= 0.8 (held); s1: 0.7 >= 0.8 (failed)"
     assert (r[1]["lhs_value"], r[1]["rhs_value"], r[1]["held_seeds"], r[1]["per_seed"]) == (0.95, 0.9, "", "")
     assert r[2]["reason"] == "no x" and r[2]["median"] is None
-    assert [dict(zip(seed_cols, s, strict=True))["margin"] for s in seed_rows] == [0.1, -0.1]
+    assert [dict(zip(seed_cols, s, strict=True))["value"] for s in seed_rows] == [0.1, -0.1]
 
 
 def test_paper_values_and_tags():
