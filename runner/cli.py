@@ -90,6 +90,15 @@ def _fail(message: str, multirun: bool, code: int = 1) -> None:
         sys.exit(code)
 
 
+def _quote_sweep_param(arg: str) -> str:
+    """`hydra.sweeper.params.seed=5,6,7` replaces the study's own sweep of that key (fresh seeds without editing a
+    file). Hydra refuses a sweep over its own config, so the list goes in as the string its sweeper parses."""
+    key, eq, value = arg.partition("=")
+    if eq and key.startswith("hydra.sweeper.params.") and "," in value and value[:1] not in "'\"":
+        return f"{key}='{value}'"
+    return arg
+
+
 def _hydra_main() -> None:
     import hydra
 
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             from mlrun.report import sync_main
 
             sys.exit(sync_main(rest))
+    argv = [_quote_sweep_param(a) for a in argv]
     if "--no-cache" in argv:  # the stage cache's off switch, as a flag
         argv = [a for a in argv if a != "--no-cache"] + ["cache.stages=false"]
     os.environ.setdefault("WANDB_SILENT", "true")

@@ -276,3 +276,12 @@ def test_study_derives_metrics_per_seed_for_paired_claims(tmp_path, monkeypatch)
     assert {s: round(d["gap"], 6) for s, d in study["derived_per_seed"].items()} == {"0": 0.4, "1": 0.05, "2": 0.35}
     (c,) = study["claims"]
     assert c["held_count"] == 2 and c["n_seeds"] == 3 and c["status"] == "fragile"  # 2/3 < 80%
+
+
+def test_fresh_seeds_replace_a_studys_seeds_from_the_command_line(tmp_path):
+    """`'hydra.sweeper.params.seed=5,6'` confirms a study on fresh seeds without editing its file."""
+    p = mlrun("-m", "experiment=batchnorm_digits", "hydra.sweeper.params.seed=5,6", "debug=fast",
+              "hydra/launcher=basic", f"hydra.sweep.dir={tmp_path / 'sw'}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    study = json.loads((tmp_path / "sw" / "study.json").read_text())
+    assert study["seeds"] == [5, 6] and sorted({r["seed"] for r in study["runs"]}) == [5, 6]
