@@ -236,7 +236,7 @@ class Loggers:
         self.wandb_run: Any = None
         self.wandb_id = wandb_id
         self.config_dict = config_dict
-        self.log_model = str(cfg.get("log_model", "false")).lower() if hasattr(cfg, "get") else "false"
+        self.log_model = str(cfg.get("log_model") or "false").lower()
         if self.log_model not in LOG_MODEL:
             log.warning("logger.log_model=%s: expected one of %s; no checkpoint will be uploaded", self.log_model,
                         ", ".join(LOG_MODEL))
