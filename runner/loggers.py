@@ -344,7 +344,8 @@ class Loggers:
                     for k, v in summary.items():
                         if isinstance(v, int | float | str):
                             self.wandb_run.summary[k] = v
-                if results is not None and results.get("status") == "completed" and self.log_model != "false":
+                if (results is not None and results.get("status") == "completed" and not results.get("eval_only")
+                        and self.log_model != "false"):  # an eval-only run trained nothing: no checkpoint of its own
                     self._log_checkpoints(results)
                 self.wandb_run.finish(exit_code=1 if failed else 0)
             except Exception as e:  # noqa: BLE001
