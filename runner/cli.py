@@ -40,6 +40,8 @@ def setup() -> None:
     schema.register()
     if not OmegaConf.has_resolver("mlrun_stamp"):
         OmegaConf.register_new_resolver("mlrun_stamp", _stamp)
+    if not OmegaConf.has_resolver("mlrun_pad"):  # sweep subfolders sort in job order: 000_, 001_, ..., 010_
+        OmegaConf.register_new_resolver("mlrun_pad", lambda n, width=3: str(n).zfill(int(width)))
 
 
 def experiments() -> list[str]:
@@ -88,6 +90,27 @@ def _fail(message: str, multirun: bool, code: int = 1) -> None:
     print(f"mlrun: error: {message}", file=sys.stderr, flush=True)
     if not multirun:
         sys.exit(code)
+
+
+HIDDEN = ("claims.", "paper.", "smoke=", "part_of=", "study=", "study.", "scale=")
+"""Keys the experiment files own: tab completion does not offer them."""
+
+
+def _complete(argv: list[str]) -> None:
+    """Tab completion: Hydra's candidates without the experiment files' own keys, plus the verbs as first word."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    sys.argv = [sys.argv[0], *argv]
+    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+        _hydra_main()
+    words = os.environ.get("COMP_LINE", "").split()
+    typing = "" if os.environ.get("COMP_LINE", "").endswith(" ") else (words[-1] if len(words) > 1 else "")
+    first = len(words) == 1 or (len(words) == 2 and typing)
+    verbs = [v for v in VERBS if v.startswith(typing)] if first else []
+    out = verbs + [w for w in buf.getvalue().split() if not w.startswith(HIDDEN)]
+    print("\n".join(out))
 
 
 def _quote_sweep_param(arg: str) -> str:
@@ -177,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
             from mlrun.report import sync_main
 
             sys.exit(sync_main(rest))
+    if any(a.startswith("query=") for a in argv) and ("-sc" in argv or "--shell-completion" in argv):
+        _complete(argv)
+        return
     argv = [_quote_sweep_param(a) for a in argv]
     if "--no-cache" in argv:  # the stage cache's off switch, as a flag
         argv = [a for a in argv if a != "--no-cache"] + ["cache.stages=false"]
