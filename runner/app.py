@@ -304,10 +304,11 @@ def _run(cfg: DictConfig, run_dir: Path, start: Start, worker: bool) -> dict[str
             if main:
                 _copy_history(resume_dir, run_dir, state)
                 loggers = Loggers(run_dir, cfg.logger, redact(container), wandb_id=(state or {}).get("wandb_id"),
-                                  resume_step=state["position"]["global_step"] if state and not history else None)
+                                  resume_step=state["position"]["global_step"] if state and not history else None,
+                                  resumed_from=resume_dir)
                 for row in history:  # a reused stage's history, as if this run had logged it
                     loggers.log(row)
-                record.on_close(lambda r: loggers.finish(_summary(r), failed=r["status"] != "completed"))
+                record.on_close(lambda r: loggers.finish(_summary(r), failed=r["status"] != "completed", results=r))
                 record.on_close(lambda r: _mark_resumed(resume_dir, run_dir))
             seed_everything(int(cfg.seed), cfg.trainer.deterministic)
             data = _build("dataset", cfg.dataset)

@@ -100,6 +100,10 @@ class LoggerConf:
     mode: str | None = choice(None, "online", "offline", "disabled")
     """online, offline or disabled; None: online when logged in, else offline."""
     tags: list[str] = field(default_factory=list)
+    """Extra W&B tags; every run is also tagged with its experiment, `arxiv:<id>` and `scale:<scale>`."""
+    log_model: str = choice("false", "false", "False", "best", "last", "all")
+    """Upload checkpoints as W&B artifacts when a run completes: false, best, last or all (every checkpoint the
+    run kept), each with the run's results.json and config (offline: recorded for `mlrun sync`)."""
     init_timeout: float = at_least(60.0, 0, above=True)
     """Seconds W&B may take to start online before the run goes on with local records only."""
     csv: bool = False
