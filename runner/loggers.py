@@ -143,6 +143,8 @@ class RedactFilter(logging.Filter):
         clean = redact_text(text)
         if clean != text:
             record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:  # a traceback shows values too
+            record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info))
         return True
 
 

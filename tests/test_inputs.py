@@ -136,6 +136,22 @@ def test_the_monitor_fails_at_the_first_evaluation_naming_the_metrics_that_exist
     assert json.loads(res.read_text())["status"] == "failed"
 
 
+def test_an_unexpected_error_is_one_line_with_its_traceback_in_the_log(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    def bug(*args, **kwargs):
+        return 1 / 0
+
+    monkeypatch.setattr(Trainer, "fit", bug)
+    code, lines = cli([EXP, "hydra.run.dir=r", *FAST], capsys)
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("mlrun: error: digits_classifier: failed: ZeroDivisionError: division by zero.")
+    assert lines[0].endswith(f"(traceback in {tmp_path / 'r' / 'mlrun.log'})")
+    log = (tmp_path / "r/mlrun.log").read_text()
+    assert "Traceback (most recent call last)" in log and "return 1 / 0" in log
+    assert json.loads((tmp_path / "r/results.json").read_text())["error"] == "ZeroDivisionError: division by zero"
+
+
 def test_failed_starts_leave_no_folders(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, lines = cli(["logger=none"], capsys)
