@@ -66,6 +66,16 @@ def write_atomic(path: Path | str, text: str | bytes) -> None:
         raise RecordError(f"could not write {path}: {e.strerror or e}") from e
 
 
+def overwrite(path: Path | str, text: str) -> None:
+    """Rewrite a file in place: the last resort on a full disk, where `write_atomic`'s temp copy does not fit but the
+    old file's own blocks do (results.json's final status after ENOSPC). Only ever used after write_atomic failed."""
+    with open(path, "r+" if Path(path).exists() else "w") as f:
+        f.truncate(0)
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_json(path: Path | str, obj: Any) -> None:
     write_atomic(path, json.dumps(_clean(obj), indent=2, sort_keys=False) + "\n")
 
@@ -195,6 +205,22 @@ class RunDir:
                               f"or continue that run with resume={self.path}")
         return self
 
+    def busy(self) -> bool:
+        """Whether a process holds this dir's claim now (a run going on there)."""
+        import fcntl
+
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+
     def holds(self) -> str | None:
         """What earlier run's records the dir holds, if any."""
         history = (self.path / METRICS).exists() or (self.path / "checkpoints").is_dir()
@@ -267,9 +293,17 @@ class RunRecord:
         try:
             self.save()
         except RecordError as e:
-            if exc is None:
-                raise
-            log.warning("%s", e)
+            import errno
+
+            full = getattr(e.__cause__, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            try:
+                if not (full and self.write):
+                    raise e
+                overwrite(self.path, json.dumps(_clean(self.clean(self.results)), indent=2) + "\n")
+            except (RecordError, OSError) as again:
+                if exc is None:
+                    raise RecordError(str(again)) from again
+                log.warning("%s", again)
         return False
 
 

@@ -322,7 +322,7 @@ def test_sigkill_then_resume_keeps_metrics_line_for_line(at, tmp_path):
     res = run("digits_classifier", [*over, f"resume={tmp_path / 'killed'}"], run_dir=tmp_path / "resumed")
     assert res["status"] == "completed"
     assert _rows(tmp_path / "resumed/metrics.jsonl") == _rows(tmp_path / "full/metrics.jsonl")
-    assert not list((tmp_path / "resumed").rglob("*.tmp"))
+    assert not list((tmp_path / "resumed").rglob("*.tmp")) and not list((tmp_path / "killed").rglob("*.tmp"))
 
 
 def test_resume_in_place_after_sigkill_cleans_the_temp_files_and_the_log(tmp_path):
@@ -452,6 +452,22 @@ def test_a_real_short_write_leaves_only_whole_metrics_lines(how, tmp_path):
     finally:
         if how == "tmpfs":
             subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def test_a_run_that_fills_the_disk_ends_failed_with_whole_records(tmp_path):
+    where = tmp_path / "disk"
+    if not _mount_tmpfs(where, "size=48k"):
+        pytest.skip("needs a tmpfs mount (root)")
+    try:
+        p = subprocess.run([str(Path(sys.executable).with_name("mlrun")), "experiment=digits_classifier", *FAST,
+                            "trainer.max_steps=3000", "trainer.log_every=1", f"hydra.run.dir={where / 'r'}"],
+                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 1 and "No space left on device" in p.stderr, p.stderr[-2000:]
+        res = json.loads((where / "r/results.json").read_text())  # the final status fitted where a copy did not
+        assert res["status"] == "failed" and "No space left on device" in res["error"]
+        assert (where / "r/metrics.jsonl").read_bytes().endswith(b"\n")
+    finally:
+        subprocess.run(["umount", str(where)], capture_output=True)
 
 
 def test_a_read_only_run_location_is_one_line_naming_the_path(tmp_path):
