@@ -90,12 +90,38 @@ def _load(path: Path, warnings: list[str]) -> dict[str, Any] | None:
         if key in rec and not isinstance(rec[key], kind):
             warnings.append(f"skipped {path}: '{key}' is not a {kind.__name__}")
             return None
+    bad = _bad_claims(rec.get("claims") or [])
+    for label, run_claims in (rec.get("run_claims") or {}).items() if isinstance(rec.get("run_claims"), dict) else ():
+        bad = bad or (f"run_claims.{label}: not a list" if not isinstance(run_claims, list) else
+                      _bad_claims(run_claims))
+    if bad:
+        warnings.append(f"skipped {path}: {bad}")
+        return None
     for key in ("experiment", "label", "status"):
         if key in rec and not isinstance(rec[key], str):
             rec[key] = str(rec[key])
     if not isinstance(rec.get("seed"), int) or isinstance(rec.get("seed"), bool):
         rec["seed"] = None
     return rec
+
+
+def _bad_claims(claims: list[Any]) -> str | None:
+    """What makes a record's claims unreadable (None: they are fine): each is an object with a name; the values
+    it measured are numbers (or "nan"/"inf"), on both sides; its per-seed entries are objects."""
+    for i, c in enumerate(claims):
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str | int | float):
+            return f"claims[{i}] is not a claim with a name"
+        if ("lhs_value" in c) != ("rhs_value" in c):
+            return f"claims[{i}] has one measured side without the other"
+        for key in ("lhs_value", "rhs_value", "median", "threshold"):
+            if key in c and _number(c[key]) is None and str(c[key]).lower() not in ("nan", "inf", "-inf"):
+                return f"claims[{i}].{key} is not a number"
+        if not isinstance(c.get("per_seed", []), list) or not all(isinstance(p, dict) for p in c.get("per_seed", [])):
+            return f"claims[{i}].per_seed is not a list of objects"
+        for key in ("held_count", "n_seeds"):
+            if key in c and not isinstance(c[key], int):
+                return f"claims[{i}].{key} is not an integer"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- counting

@@ -95,6 +95,9 @@ MALFORMED = {
     "metrics: a list": good(metrics=[1, 2]),
     "a claim that is a number": good(claims=[5]),
     "a claim with junk fields": good(claims=[{"name": "x", "status": 5, "lhs_value": "abc", "per_seed": "x"}]),
+    "a claim measured on one side": good(claims=[{"name": "x", "status": "held", "lhs_value": 0.5}]),
+    "a claim with a per-seed list of junk": good(claims=[{"name": "x", "lhs_value": 1, "rhs_value": 0, "median": 1,
+                                                          "per_seed": [1, "x"]}]),
     "[/nope] in a name": good("[/nope]"),
     "a seed that is a string": good(seed="zero"),
     "status: a dict": good(status={"a": 1}),
@@ -117,7 +120,9 @@ BAD_STUDIES = {
 
 def test_a_malformed_record_is_skipped_with_one_warning_naming_its_file(tmp_path):
     write(tmp_path / "outputs/ok", good("fine"))
-    for i, rec in enumerate(MALFORMED.values()):
+    for i, rec in enumerate(MALFORMED.values()):  # each its own experiment, so each is read and counted
+        if isinstance(rec, dict) and rec.get("experiment") == "exp":
+            rec = dict(rec, experiment=f"bad{i}")
         write(tmp_path / "outputs" / f"bad{i}", rec)
     for i, st in enumerate(BAD_STUDIES.values()):
         d = tmp_path / "multirun" / f"s{i}"
@@ -130,6 +135,9 @@ def test_a_malformed_record_is_skipped_with_one_warning_naming_its_file(tmp_path
         assert "fine" in p.stdout
         warned = [ln for ln in p.stderr.splitlines() if ln.startswith("mlrun report: warning: skipped")]
         assert len(warned) == len(set(warned)), warned  # at most one warning a file
+        assert all(re.match(r"mlrun report: warning: skipped \S+/(results|study)\.json: ", w) for w in warned)
+        names = {w.split()[4].rsplit("/", 2)[-2] for w in warned}
+        assert {"bad0", "bad1", "bad2", "bad3", "bad4", "bad5", "bad6", "bad7"} <= names, names
 
 
 def test_a_huge_record_costs_time_linear_in_its_size(tmp_path):
