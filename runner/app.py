@@ -8,8 +8,11 @@ data or the model is built, Ctrl-C, a full disk), results.json says `failed` or 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,6 +235,10 @@ def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False, *, root
             for name, text in (files or {}).items():
                 write_atomic(run_dir / name, redact(text))
             remove_temp_files(run_dir)
+            source = start.resume_dir
+            if source is not None and source.is_dir() and source.resolve() != run_dir.resolve() \
+                    and not RunDir(source).busy():
+                remove_temp_files(source)  # what a kill left in the run this one continues
         if start.reuse is not None:
             return _reuse(cfg, run_dir, start.reuse)
         if ddp_parent:
@@ -256,9 +263,7 @@ def _run(cfg: DictConfig, run_dir: Path, start: Start, worker: bool) -> dict[str
     import torch
 
     from mlrun import distributed
-    from mlrun.loggers import Loggers, redact, register_secrets
-    from mlrun.progress import Progress
-    from mlrun.trainer import ANNOUNCE_AFTER, Trainer, seed_everything
+    from mlrun.loggers import redact, register_secrets
 
     device = select_device(cfg.hardware)
     dist = distributed.init_process_group(str(device), cfg.hardware.backend) if worker else distributed.current()
@@ -275,7 +280,7 @@ def _run(cfg: DictConfig, run_dir: Path, start: Start, worker: bool) -> dict[str
 
     container = OmegaConf.to_container(cfg, resolve=True)
     register_secrets(container)
-    state, resume_dir = start.state, start.resume_dir
+    resume_dir = start.resume_dir
     results: dict[str, Any] = {
         "experiment": cfg.experiment_name, "label": cfg.label, "seed": cfg.seed, "scale": cfg.scale,
         "status": "running", "started_at": utc_now(), "run_dir": str(run_dir),
@@ -290,48 +295,14 @@ def _run(cfg: DictConfig, run_dir: Path, start: Start, worker: bool) -> dict[str
         results["debug"] = OmegaConf.to_container(cfg.debug, resolve=True)
     if resume_dir is not None:
         results["resumed_from"] = str(resume_dir)
-    loggers = Loggers.null()
-    stage_cache = None
     main = dist.is_main
     record = RunRecord(run_dir, results, write=main, clean=lambda r: redact(r, by_name=False))
     try:
-        with record:
-            history: list[dict] = []
-            if state is None and not cfg.eval_only and dist.world == 1 and _cache_on(cfg):
-                stage_cache, state, history = _reuse_stage(cfg, container, run_dir, results)
-                if stage_cache is not None:
-                    record.on_close(lambda r: stage_cache.release())
-            if main:
-                _copy_history(resume_dir, run_dir, state)
-                loggers = Loggers(run_dir, cfg.logger, redact(container), wandb_id=(state or {}).get("wandb_id"),
-                                  resume_step=state["position"]["global_step"] if state and not history else None,
-                                  resumed_from=resume_dir)
-                for row in history:  # a reused stage's history, as if this run had logged it
-                    loggers.log(row)
-                record.on_close(lambda r: loggers.finish(_summary(r), failed=r["status"] != "completed", results=r))
-                record.on_close(lambda r: _mark_resumed(resume_dir, run_dir))
-            seed_everything(int(cfg.seed), cfg.trainer.deterministic)
-            data = _build("dataset", cfg.dataset)
-            task = _build("model", cfg.model)
-            task.cache_dir = run_dir / "cache" if main else None
-            trainer = Trainer(cfg.trainer, device, run_dir, loggers, int(cfg.seed), dist, wandb_id=loggers.wandb_id)
-            trainer.channels_last = bool(cfg.hardware.channels_last) and device.type == "cuda"
-            trainer.stage_cache = stage_cache
-            if cfg.scale == "paper" and device.type == "cpu" and main:
-                why = "as hardware.device says" if torch.cuda.is_available() else "this machine has no CUDA device"
-                log.warning("%s is a paper-scale experiment and %s: running on the CPU (expected duration after the "
-                            "first %d steps)", cfg.experiment_name, why, ANNOUNCE_AFTER)
-                trainer.announce_duration = True
-            prefix = job_prefix(cfg)
-            _label_lines(prefix)
-            progress = Progress(cfg.trainer.progress, enabled=main, prefix=prefix)
-            with trainer.signals():
-                _train_and_test(cfg, task, data, trainer, state, resume_dir, results, progress, dist)
-            if main:
-                figs = task.figures(run_dir / "figures", data) or []
-                results["figures"] = [str(Path(f).relative_to(run_dir)) for f in figs]
-                loggers.log_figures(figs)
-            results["claims"] = claims_mod.evaluate(list(container.get("claims") or []), results["metrics"])
+        with _signals_outside_training(defer=dist.enabled) as closing, record:
+            try:
+                _open_train_close(cfg, run_dir, record, start, results, container, device, dist)
+            finally:
+                closing.set()  # the record is being written: a late signal must not cut it short
     except BaseException as e:
         if not record.entered:
             raise  # not even `running` could be written: nothing is on record
@@ -344,15 +315,107 @@ def _run(cfg: DictConfig, run_dir: Path, start: Start, worker: bool) -> dict[str
     return results
 
 
+def _open_train_close(cfg: DictConfig, run_dir: Path, record: RunRecord, start: Start, results: dict,
+                      container: dict, device: Any, dist: Any) -> None:
+    """Inside the run's record: the loggers, the data and the model, training and testing, the figures, claims."""
+    import torch
+
+    from mlrun.loggers import Loggers, redact
+    from mlrun.progress import Progress
+    from mlrun.trainer import ANNOUNCE_AFTER, Trainer, seed_everything
+
+    state, resume_dir = start.state, start.resume_dir
+    main = dist.is_main
+    loggers = Loggers.null()
+    stage_cache = None
+    history: list[dict] = []
+    if state is None and not cfg.eval_only and dist.world == 1 and _cache_on(cfg):
+        stage_cache, state, history = _reuse_stage(cfg, container, run_dir, results)
+        if stage_cache is not None:
+            record.on_close(lambda r: stage_cache.release())
+    if main:
+        _copy_history(resume_dir, run_dir, state)
+        loggers = Loggers(run_dir, cfg.logger, redact(container), wandb_id=(state or {}).get("wandb_id"),
+                          resume_step=state["position"]["global_step"] if state and not history else None,
+                          resumed_from=resume_dir)
+        for row in history:  # a reused stage's history, as if this run had logged it
+            loggers.log(row)
+        record.on_close(lambda r: loggers.finish(_summary(r), failed=r["status"] != "completed", results=r))
+        record.on_close(lambda r: _mark_resumed(resume_dir, run_dir))
+    seed_everything(int(cfg.seed), cfg.trainer.deterministic)
+    data = _build("dataset", cfg.dataset)
+    task = _build("model", cfg.model)
+    task.cache_dir = run_dir / "cache" if main else None
+    trainer = Trainer(cfg.trainer, device, run_dir, loggers, int(cfg.seed), dist, wandb_id=loggers.wandb_id)
+    trainer.channels_last = bool(cfg.hardware.channels_last) and device.type == "cuda"
+    trainer.stage_cache = stage_cache
+    if cfg.scale == "paper" and device.type == "cpu" and main:
+        why = "as hardware.device says" if torch.cuda.is_available() else "this machine has no CUDA device"
+        log.warning("%s is a paper-scale experiment and %s: running on the CPU (expected duration after the "
+                    "first %d steps)", cfg.experiment_name, why, ANNOUNCE_AFTER)
+        trainer.announce_duration = True
+    prefix = job_prefix(cfg)
+    _label_lines(prefix)
+    progress = Progress(cfg.trainer.progress, enabled=main, prefix=prefix)
+    with trainer.signals():
+        _train_and_test(cfg, task, data, trainer, state, resume_dir, results, progress, dist)
+    if main:
+        figs = task.figures(run_dir / "figures", data) or []
+        results["figures"] = [str(Path(f).relative_to(run_dir)) for f in figs]
+        loggers.log_figures(figs)
+    results["claims"] = claims_mod.evaluate(list(container.get("claims") or []), results["metrics"])
+
+
 def _build(group: str, node: Any) -> Any:
-    """Instantiate a config group; an error names the group (a Hydra error at the top of a group names no key)."""
+    """Instantiate a config group; an error names the group (a Hydra error at the top of a group names no key), and
+    each warning raised while it is built is one line (not Python's two, with a source line)."""
+    import warnings
+
     from hydra.utils import instantiate
 
     try:
-        return instantiate(node, _convert_="object")
+        with warnings.catch_warnings(record=True) as caught:
+            return instantiate(node, _convert_="object")
     except Exception as e:
         e.config_key = group  # type: ignore[attr-defined]
         raise
+    finally:
+        for text in dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught):
+            log.warning("%s: %s", group, text)
+
+
+@contextlib.contextmanager
+def _signals_outside_training(defer: bool = False) -> Iterator[threading.Event]:
+    """SIGINT/SIGTERM outside the training loop (whose trainer checkpoints and stops): while the run is being set
+    up they stop it at once (`interrupted`: nothing trained yet), or, with `defer` (DDP, where a rank alone must not
+    leave), at the first step, when every rank agrees; once it is closing (`closing.set()`) they are ignored, so
+    that its records are written whole (the DDP launcher signals every worker as soon as one has stopped)."""
+    import signal
+
+    closing = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:  # noqa: ARG001
+        name = signal.Signals(signum).name
+        if closing.is_set():
+            return
+        if defer:
+            from mlrun.trainer import request_stop
+
+            request_stop(name, remember=True)
+            return
+        raise Interrupted(f"{name} while the run was being set up (nothing trained yet)")
+
+    old = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[s] = signal.signal(s, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield closing
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def _train_and_test(cfg: DictConfig, task: Any, data: Any, trainer: Any, state: dict | None,

@@ -131,6 +131,8 @@ class StopVote:
         """Vote `code` (0: go on; else why to stop, a signal number, say); return the previous step's outcome, the
         largest code any rank voted (0: every rank goes on)."""
         agreed = self._collect()
+        if agreed:  # every rank stops now: no new collective, so none waits on a rank that has exited
+            return agreed
         flag = torch.tensor([int(code)], dtype=torch.int32)
         self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
         return agreed
@@ -191,6 +193,10 @@ def worker_entry(run_dir: str, config_yaml: str) -> None:
     try:
         run_experiment(cfg, Path(run_dir), worker=True)
     except RunFailed as e:
+        if os.environ.get("MLRUN_TRACEBACK"):  # HYDRA_FULL_ERROR=1: every rank's traceback
+            import traceback
+
+            traceback.print_exception(e.__cause__ or e)
         sys.exit(e.code)
     except Exception as e:  # noqa: BLE001 - before the run could record anything
         if int(os.environ.get("RANK", 0)) == 0:

@@ -54,11 +54,17 @@ def _stop_reason(code: int) -> str:
     return "a stop asked by another worker"
 
 
-def request_stop(reason: str) -> bool:
+_pending_stop: list[str] = []  # a stop asked for before training began, for the next trainer (DDP set-up)
+
+
+def request_stop(reason: str, remember: bool = False) -> bool:
     """Ask every trainer running in this process to checkpoint and stop after its current step, as SIGINT would
-    (a sweep being stopped); False when none is running."""
+    (a sweep being stopped); False when none is running. With `remember`, a request made before training began
+    stops the next trainer at its first step (under DDP, so that every rank stops together)."""
     for t in _fitting:
         t._stop_signal = t._stop_signal or reason
+    if not _fitting and remember:
+        _pending_stop.append(reason)
     return bool(_fitting)
 
 
@@ -243,6 +249,8 @@ class Trainer:
         for s in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not the main thread
                 old[s] = signal.signal(s, handler)
+        if _pending_stop:
+            self._stop_signal = self._stop_signal or _pending_stop.pop()
         _fitting.append(self)
         try:
             yield
