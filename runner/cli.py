@@ -50,6 +50,8 @@ def experiments() -> list[str]:
     return groups()["experiment"]
 
 
+_ROOTS_BEFORE: set[Path] = set()
+"""The default output roots that existed before this launch (a failed start removes the ones it made)."""
 STOP = ".stop"
 """A file in a sweep dir that stops the sweep: running jobs checkpoint and end, queued ones do not start."""
 _OUTCOME: dict[str, Any] = {}
@@ -200,6 +202,8 @@ def _remove_debris(run_dir: Path, roots: list[Path]) -> None:
         while base is not None and parent != base and base in parent.parents and not any(parent.iterdir()):
             parent.rmdir()
             parent = parent.parent
+        if base is not None and base not in _ROOTS_BEFORE and base.is_dir() and not any(base.iterdir()):
+            base.rmdir()  # this launch made the output root itself
     except OSError:
         pass
 
@@ -489,6 +493,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.pop("MLRUN_STAMP", None)  # a new launch, a new stamp (job processes inherit it, never call main)
     _stamp()
     os.environ["MLRUN_LAUNCHER_PID"] = str(os.getpid())
+    _ROOTS_BEFORE.clear()
+    _ROOTS_BEFORE.update(Path(d).resolve() for d in ("outputs", "multirun") if Path(d).is_dir())
     sys.argv = [sys.argv[0], *argv]
     # Hydra prints its own errors as a block with hints (some of which lead into a crash); with HYDRA_FULL_ERROR
     # it raises them instead, and we print one line. The user's own HYDRA_FULL_ERROR=1 still shows tracebacks.

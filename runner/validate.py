@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import sys
 from typing import Any
 
 from mlrun.claims import OPS
@@ -116,6 +117,15 @@ def validate_main(argv: list[str]) -> int:
     ap.add_argument("experiments", nargs="*", help="default: all")
     args = ap.parse_args(argv)
     names = args.experiments or experiments()
+    unknown = [n for n in names if n not in experiments()]
+    if unknown:
+        from difflib import get_close_matches
+
+        for n in unknown:
+            close = get_close_matches(n, experiments(), n=1, cutoff=0.6)
+            print(f"mlrun validate: no experiment {n!r}; " + (f"did you mean {close[0]}?" if close else
+                                                               "`mlrun ls` lists them"), file=sys.stderr)
+        return 1
     problems = validate(names, groups()["hardware"])
     for p in problems:
         print(p)
