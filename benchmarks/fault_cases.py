@@ -79,7 +79,8 @@ def setup_failures(base: Path) -> list[dict]:
     }
     for name, extra in cases.items():
         d = base / f"item4_{len(out)}"
-        p = mlrun([EXP, *FAST, "trainer.max_steps=3", *extra, f"hydra.run.dir={d}"], base)
+        steps = "trainer.max_steps=6" if name.startswith("malformed") else "trainer.max_steps=3"
+        p = mlrun([EXP, *FAST, steps, *extra, f"hydra.run.dir={d}"], base)
         out.append({"item": 4, "case": name, "command": f"mlrun {EXP} {' '.join(extra)}", "rc": p.returncode,
                     "first": first(p), "lines": len((p.stderr + p.stdout).splitlines()),
                     "results.json status": status(d)})
