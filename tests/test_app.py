@@ -164,7 +164,7 @@ def test_no_experiment_lists_them(tmp_path):
 
 def test_help_lists_groups_without_torch(tmp_path):
     p = mlrun("--help", cwd=tmp_path)
-    assert p.returncode == 0 and "experiment: " in p.stdout and "hardware: cpu, ddp, gpu" in p.stdout
+    assert p.returncode == 0 and "experiment: " in p.stdout and "hardware: auto, cpu, ddp, gpu" in p.stdout
     code = "import sys, mlrun.cli; mlrun.cli.print_help(); assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True).returncode == 0
 
