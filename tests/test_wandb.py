@@ -39,7 +39,13 @@ def _key(item) -> str:
 def read_run(offline_dir: Path) -> dict:
     """One offline run as W&B would receive it: the run record, history rows, the merged summary, artifacts."""
     out = {"dir": offline_dir, "history": [], "summary": {}, "artifacts": [], "exit": None}
-    (f,) = offline_dir.glob("*.wandb")
+    found = list(offline_dir.glob("*.wandb"))
+    if len(found) != 1:  # say what W&B left there, so a failure explains itself
+        logs = "".join(f"\n--- {q.name}:\n" + q.read_text(errors="replace")[-3000:]
+                       for q in sorted(offline_dir.rglob("debug*.log")))
+        listing = sorted(str(q.relative_to(offline_dir)) for q in offline_dir.rglob("*"))
+        raise AssertionError(f"{offline_dir}: {len(found)} .wandb files; contents {listing}{logs}")
+    (f,) = found
     for rec in offline_records(f):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
@@ -82,6 +88,8 @@ def mlrun(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("mlrun")
     p = subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    said = p.stdout + p.stderr
+    assert "W&B could not" not in said, said[-4000:]  # mlrun keeps going without W&B; these tests need it
     return p
 
 
