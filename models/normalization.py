@@ -189,14 +189,16 @@ class DigitsResNet(nn.Module):
     """A small residual CNN for 8x8 digits: a conv-norm-ReLU stem, one residual block per stage (`strides`
     sets each stage's stride), global average pooling and a linear classifier. `norm` is bn, gn, ln, in or
     none; every layer has the same width by default so the group ablation can run G = 1 ... 32. `ghost_batch`
-    makes BN normalize each chunk of that many samples on its own (one simulated worker's batch)."""
+    makes BN normalize each chunk of that many samples on its own (one simulated worker's batch); `stem_stride`
+    2 halves larger inputs (16x16 scenes) before the blocks."""
 
     def __init__(self, norm: str = "gn", groups: int = 8, widths: tuple[int, ...] = (32, 32),
                  strides: tuple[int, ...] = (2, 1), num_classes: int = 10, in_channels: int = 1,
-                 zero_init_last: bool = True, ghost_batch: int | None = None) -> None:
+                 zero_init_last: bool = True, ghost_batch: int | None = None, stem_stride: int = 1) -> None:
         super().__init__()
         make = functools.partial(make_norm, norm, groups=groups, ghost_batch=ghost_batch)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), make(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=False), make(widths[0]),
+                                  nn.ReLU())
         layers: list[nn.Module] = []
         c = widths[0]
         for w, s in zip(widths, strides, strict=True):
