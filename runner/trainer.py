@@ -137,6 +137,22 @@ def _first_item(items: list[Any]) -> Any:
     return items[0]
 
 
+def _at_stage_start(position: dict[str, Any]) -> bool:
+    """A checkpoint written at a stage's end points at the next stage's step 0 (a mid-stage one never does)."""
+    return position.get("step", 0) == 0 and position.get("epoch", 0) == 0 and position.get("batch_in_epoch", 0) == 0
+
+
+STAGE_KEYS = ("name", "batch_size", "split", "args")
+"""Keys of a stage spec that are not trainer settings: the rest override `trainer` for that stage."""
+
+
+def start_stage(task: Task, spec: dict[str, Any], data: DataModule) -> None:
+    """Hand the task its stage: `task.stage_args` is the stage's `args:` (what differs between the arms of a study
+    that share earlier stages), then `on_stage_start`."""
+    task.stage_args = dict(spec.get("args") or {})
+    task.on_stage_start(spec.get("name", "train"), data)
+
+
 # ---------------------------------------------------------------------------------------------- trainer
 
 
@@ -160,6 +176,7 @@ class Trainer:
         self.channels_last = False
         self.cfg: Any = None  # the current stage's settings (a TrainerConf)
         self._bad_evals = 0
+        self.stage_cache: Any = None  # an mlrun.cache.StageCache when stages may be reused (set by the runner)
 
     # ------------------------------------------------------------------ helpers
     def _loader(self, data: DataModule, split: str, stage: str | None, train: bool, cfg: DictConfig,
@@ -307,16 +324,21 @@ class Trainer:
             self.global_step = resume["position"]["global_step"]
             self.best = resume.get("best") or self.best
             self.results = dict(resume.get("results") or {})
-        start_stage = resume["position"]["stage_index"] if resume else 0
+        first = resume["position"]["stage_index"] if resume else 0
+        if resume is not None and _at_stage_start(resume["position"]):
+            # saved at the end of the previous stage: this stage starts fresh (its own optimizers), from the RNG
+            # state the uninterrupted run had there, before the stage's own set-up draws from it
+            set_rng_state(resume["rng"])
+            resume = None
         for index, spec in enumerate(stages):
-            if index < start_stage:
+            if index < first:
                 continue
-            here = resume if (resume is not None and index == start_stage) else None
+            here = resume if (resume is not None and index == first) else None
             self._fit_stage(task, data, index, spec, here, progress)
         return self.results
 
     def _stage_cfg(self, spec: dict[str, Any]) -> DictConfig:
-        overrides = {k: v for k, v in spec.items() if k not in ("name", "batch_size", "split")}
+        overrides = {k: v for k, v in spec.items() if k not in STAGE_KEYS}
         # Resolve against the whole run config first: keys such as ${dataset.batch_size} live outside `trainer`.
         base = self.base_cfg
         if OmegaConf.is_config(base):
@@ -330,7 +352,7 @@ class Trainer:
         from mlrun.schema import TrainerConf
 
         cfg = self.cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainerConf), self._stage_cfg(spec)))
-        task.on_stage_start(name, data)
+        start_stage(task, spec, data)
         task.to(self.device)
         optimizers = task.configure_optimizers() or {}
         schedulers = {}
@@ -393,7 +415,7 @@ class Trainer:
         anomaly = torch.autograd.detect_anomaly() if cfg.detect_anomaly else contextlib.nullcontext()
         micro = 0
         stop_early = False
-        with anomaly:
+        with anomaly, contextlib.closing(progress):  # the bar stops before any message, Ctrl-C's included
             while step < max_steps and not stop_early:
                 if batch_in_epoch >= per_epoch:
                     epoch, batch_in_epoch = epoch + 1, 0
@@ -413,6 +435,7 @@ class Trainer:
                     self.global_step += 1
                     if profiler is not None:
                         profiler.step()
+                    progress.tick(step, sums, counts)
                     done = step >= max_steps
                     if cfg.log_every and (step % cfg.log_every == 0 or done):
                         self._log(sums, counts, optimizers, name, step, epoch, progress)
@@ -435,6 +458,11 @@ class Trainer:
         self._eval_and_track(task, data, name, cfg, step, epoch, save, final=True)
         position.update(stage_index=index + 1, step=0, epoch=0, batch_in_epoch=0)
         self.save_checkpoint(task, optimizers, schedulers, scaler, position)
+        if self.stage_cache is not None and self.dist.is_main:
+            from mlrun.records import METRICS
+
+            self.loggers.flush()  # the cached history must hold every row up to this stage's end
+            self.stage_cache.store(index, self.ckpt_dir / "last.pt", self.run_dir / METRICS, self.run_dir)
 
     def _step(self, task: Task, batch: Any, cfg: DictConfig, optimizers: dict, params: dict, others: dict,
               scaler: Any, accumulate: int, boundary: bool, sums: dict, counts: dict, step: int) -> bool:
