@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -409,3 +410,21 @@ def test_one_training_step_of_each_paper_scale_experiment(name, overrides, tmp_p
     assert 0.0 <= results["metrics"]["test/acc"] <= 1.0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(math.isfinite(r.get("train/model_loss", math.nan)) for r in rows)
+
+
+def test_target_scenes_are_the_split_digits_as_large_targets_among_distractors():
+    from mlrun.datasets.digits import load_digits_arrays, split_indices
+    from mlrun.datasets.scenes import TargetScenes, target_scene
+
+    data = TargetScenes(copies=2, seed=0)
+    x, y = data.dataset("train").tensors
+    labels = load_digits_arrays()[1][split_indices()["train"]]
+    assert x.shape == (2 * len(labels), 1, 16, 16) and torch.equal(y, torch.from_numpy(labels).repeat(2))
+    assert len(data.dataset("test")) == len(split_indices()["test"])  # one scene per held-out digit
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    torch.testing.assert_close(TargetScenes(copies=2, seed=0).dataset("train").tensors[0], x)
+    assert not torch.equal(TargetScenes(copies=2, seed=1).dataset("train").tensors[0], x)
+    rng = np.random.default_rng(0)  # no distractors, no noise: the target digit resized somewhere on the canvas
+    digit = load_digits_arrays()[0][0] / 16.0
+    img = target_scene(rng, digit, digit[None], distractors=(0, 0), clutter=0.0, target_size=8, canvas=8)
+    np.testing.assert_allclose(img, digit, atol=1e-6)
