@@ -421,14 +421,30 @@ def summarize(study: dict, degenerate_gap: float = 0.1) -> dict[str, float]:
     return out
 
 
+def _per_lambda_seeds(study: dict, flat: bool, key: str) -> dict[float, list[float]]:
+    """λ -> the metric's value in each completed run (one per seed), for the runs with or without flat pixels."""
+    out: dict[float, list[float]] = {}
+    for r in study["runs"]:
+        m = r.get("metrics") or {}
+        if r.get("status") != "completed" or "test/lam" not in m or (m.get("test/flat_pixels", 0) > 0) != flat:
+            continue
+        if key == "d_adv_over":
+            value = m.get("test/d_adv", math.nan) / m.get("test/delta_norm", math.nan)
+        else:
+            value = m.get(f"test/{key}", math.nan)
+        out.setdefault(float(m["test/lam"]), []).append(float(value))
+    return dict(sorted(out.items()))
+
+
 def study_figure(study: dict, out_dir: Path, degenerate_gap: float = 0.1) -> list[Path]:
-    """θ, normalised distances and test error against λ; mirror images at strong and weak regularisation."""
+    """θ, normalised distances and test error against λ (lines: the median over seeds; dots: each seed);
+    mirror images at strong and weak regularisation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base, flat = _per_lambda(study, False), _per_lambda(study, True)
+    base = _per_lambda(study, False)
     if not base:
         return []
     out_dir = Path(out_dir)
@@ -437,29 +453,35 @@ def study_figure(study: dict, out_dir: Path, degenerate_gap: float = 0.1) -> lis
     degen = [lam for lam in lams if degenerate(base[lam], degenerate_gap)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = [
-        ("deviation angle θ (degrees)", [("SVM", base, "theta"), ("SVM + flat pixels", flat, "theta")]),
-        ("distance to boundary / ||Δ||", [("SVM: median, correct test points", base, "dist_norm"),
-                                           ("SVM: d_adv / ||Δ|| = ½ cos θ", base, "d_adv_over"),
-                                           ("SVM + flat pixels: median", flat, "dist_norm"),
-                                           ("MLP: minimal L2 attack, median", base, "mlp_dist_norm")]),
-        ("test error", [("SVM", base, "err"), ("SVM + flat pixels", flat, "err"), ("MLP", base, "mlp_err"),
-                        ("nearest centroid", base, "centroid_err")]),
+        ("deviation angle θ (degrees)", [("SVM", False, "theta"), ("SVM + flat pixels", True, "theta")]),
+        ("distance to boundary / ||Δ||", [("SVM: median distance, correct test points", False, "dist_norm"),
+                                           ("SVM: d_adv / ||Δ|| (training set)", False, "d_adv_over"),
+                                           ("SVM + flat pixels: median distance", True, "dist_norm"),
+                                           ("MLP: minimal L2 attack, median", False, "mlp_dist_norm")]),
+        ("test error", [("SVM", False, "err"), ("SVM + flat pixels", True, "err"), ("MLP", False, "mlp_err"),
+                        ("nearest centroid", False, "centroid_err")]),
     ]
     for ax, (title, series) in zip(axes, panels):
-        for label, table, key in series:
-            xs = [lam for lam in table if key in table[lam] or key == "d_adv_over"]
-            if not xs:
+        top = 0.0
+        for k, (label, flat, key) in enumerate(series):
+            per = {lam: [v for v in vs if math.isfinite(v)] for lam, vs in _per_lambda_seeds(study, flat, key).items()}
+            per = {lam: vs for lam, vs in per.items() if vs}
+            if not per:
                 continue
-            if key == "d_adv_over":
-                ys = [table[lam]["d_adv"] / table[lam]["delta_norm"] for lam in xs]
-            else:
-                ys = [table[lam][key] for lam in xs]
-            ax.plot(xs, ys, marker="o", label=label)
+            xs = list(per)
+            line = ax.plot(xs, [float(np.median(per[lam])) for lam in xs], label=label, ls="--" if flat else "-")[0]
+            jitter = 1.06 ** (k - len(series) / 2)
+            for lam in xs:
+                ax.plot([lam * jitter] * len(per[lam]), per[lam], "o", ms=3, alpha=0.35, color=line.get_color())
+            if not key.startswith("mlp"):  # a collapsed MLP's distances sit at the attack's cap
+                top = max([top] + [max(per[lam]) for lam in xs if lam not in degen])
         if degen:
-            ax.axvspan(min(degen) / 3, max(degen) * 3, color="grey", alpha=0.2, label="degenerate λ")
+            ax.axvspan(min(degen) / 10**0.25, max(degen) * 10**0.25, color="grey", alpha=0.2, label="degenerate λ")
+        if title.startswith("distance") and top > 0:
+            ax.set_ylim(0, 1.15 * top)  # the degenerate λ's distances (and a collapsed MLP's) run off the scale
         ax.set_xscale("log")
         ax.set_xlabel("λ (weaker regularisation to the left)")
-        ax.set_title(title)
+        ax.set_title(f"{title}\nlines: median of seeds; dots: seeds", fontsize=10)
         ax.legend(fontsize=7)
     fig.tight_layout()
     curves = out_dir / "tilting_vs_lambda.png"
