@@ -537,7 +537,7 @@ def gn_figure(study: dict, out_dir: Path, metric: str = "val/acc_last5") -> list
         for x, g in zip(xs, gs):
             ax.plot([x] * len(series["gn"][g]), series["gn"][g], "o", color="tab:red", alpha=0.4, ms=4)
         ax.set_xticks(list(xs), [str(g) for g in gs])
-        ax.set(xlabel="groups G", ylabel="error (%)", title=f"GN: number of groups ({what}; dots: seeds)")
+        ax.set(xlabel="groups G", ylabel="error (%)", title=f"GN: number of groups\n({what}; dots: seeds)")
         ax.legend()
         name = "gn_groups.png"
     else:
