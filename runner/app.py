@@ -112,7 +112,15 @@ def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False) -> dict
     from mlrun import distributed
     from mlrun.loggers import Loggers, redact
     from mlrun.progress import Progress
-    from mlrun.trainer import CheckpointError, Interrupted, NonFiniteLoss, Trainer, seed_everything, start_stage
+    from mlrun.trainer import (
+        ANNOUNCE_AFTER,
+        CheckpointError,
+        Interrupted,
+        NonFiniteLoss,
+        Trainer,
+        seed_everything,
+        start_stage,
+    )
 
     t0 = time.perf_counter()
     device = select_device(cfg.hardware)
@@ -166,7 +174,8 @@ def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False) -> dict
         _copy_history(resume_dir, run_dir, ckpt_state)
         loggers = Loggers(run_dir, cfg.logger, redact(container),
                           wandb_id=(ckpt_state or {}).get("wandb_id"),
-                          resume_step=ckpt_state["position"]["global_step"] if ckpt_state and not history else None)
+                          resume_step=ckpt_state["position"]["global_step"] if ckpt_state and not history else None,
+                          resumed_from=resume_dir)
         for row in history:  # a reused stage's history, as if this run had logged it
             loggers.log(row)
     else:
@@ -178,6 +187,11 @@ def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False) -> dict
     task.cache_dir = run_dir / "cache" if dist.is_main else None
     trainer = Trainer(cfg.trainer, device, run_dir, loggers, int(cfg.seed), dist, wandb_id=loggers.wandb_id)
     trainer.stage_cache = stage_cache
+    if cfg.scale == "paper" and device.type == "cpu" and dist.is_main:
+        why = "as hardware.device says" if torch.cuda.is_available() else "this machine has no CUDA device"
+        log.warning("%s is a paper-scale experiment and %s: running on the CPU (expected duration after the first "
+                    "%d steps)", cfg.experiment_name, why, ANNOUNCE_AFTER)
+        trainer.announce_duration = True
     trainer.channels_last = bool(cfg.hardware.channels_last) and device.type == "cuda"
     trainer.install_signal_handlers()
     prefix = job_prefix(cfg)
@@ -252,7 +266,7 @@ def _finish(results: dict, run_dir: Path, t0: float, loggers: Any, dist: Any, fa
     summary = {k: v for k, v in results.get("metrics", {}).items()}
     summary["status"] = results["status"]
     try:
-        loggers.finish(summary, failed=failed)
+        loggers.finish(summary, failed=failed, results=results)
     finally:
         write_json(run_dir / RESULTS, results)
         same = resume_dir is not None and resume_dir.resolve() == run_dir.resolve()
@@ -263,10 +277,15 @@ def _finish(results: dict, run_dir: Path, t0: float, loggers: Any, dist: Any, fa
                 write_json(resume_dir / RESULTS, old)
             except (OSError, ValueError):
                 pass
+    log.info(closing_line(results, run_dir))
+
+
+def closing_line(results: dict[str, Any], run_dir: Path) -> str:
+    """`digits_classifier: completed in 6.4s; test/acc 0.991; 1/1 claims held; records in ...`"""
     held = claims_mod.summary_line(results.get("claims", []))
     shown = headline(results)
-    log.info("%s: %s in %.1fs; %s%s; records in %s", results["experiment"], results["status"],
-             results["wall_time_s"], f"{shown}; " if shown else "", held, run_dir)
+    return (f"{results.get('experiment')}: {results.get('status')} in {float(results.get('wall_time_s') or 0):.1f}s; "
+            f"{shown + '; ' if shown else ''}{held}; records in {run_dir}")
 
 
 def headline(results: dict[str, Any], most: int = 3) -> str:
@@ -401,6 +420,7 @@ def _launch_ddp(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     res = _read_results(run_dir)
     if res.get("status") != "completed":
         raise RunFailed(res.get("error", "workers ended without results"), 1, res)
+    log.info(closing_line(res, run_dir))  # the workers' own lines go nowhere: the launching process says it
     return res
 
 

@@ -31,7 +31,8 @@ class TrainerConf:
     keep_last: int = 0
     """Also keep the last K step-numbered checkpoints (0: only last.pt)."""
     precision: str = "32"
-    """32, bf16 or 16 (16 uses a GradScaler; bf16 and 16 are autocast)."""
+    """32, bf16, 16 or auto (16 uses a GradScaler; bf16 and 16 are autocast; auto: bf16 on a CUDA device that
+    supports it, else 32)."""
     accumulate: int = 1
     clip_grad_norm: float | None = None
     scheduler: Any = None
@@ -82,6 +83,10 @@ class LoggerConf:
     mode: str | None = None
     """online, offline or disabled; None: online when logged in, else offline."""
     tags: list[str] = field(default_factory=list)
+    """Extra W&B tags; every run is also tagged with its experiment, `arxiv:<id>` and `scale:<scale>`."""
+    log_model: str = "false"
+    """Upload checkpoints as W&B artifacts when a run completes: false, best, last or all (every checkpoint the
+    run kept), each with the run's results.json and config (offline: recorded for `mlrun sync`)."""
     init_timeout: float = 60.0
     """Seconds W&B may take to start online before the run goes on with local records only."""
     csv: bool = False

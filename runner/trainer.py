@@ -32,6 +32,8 @@ from mlrun.task import DataModule, Task
 log = logging.getLogger("mlrun")
 
 CHECKPOINT_FORMAT = 1
+ANNOUNCE_AFTER = 20
+"""Steps after which a paper-scale run on a CPU estimates its duration."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -177,6 +179,7 @@ class Trainer:
         self.cfg: Any = None  # the current stage's settings (a TrainerConf)
         self._bad_evals = 0
         self.stage_cache: Any = None  # an mlrun.cache.StageCache when stages may be reused (set by the runner)
+        self.announce_duration = False  # a paper-scale run on a CPU says how long it will take (set by the runner)
 
     # ------------------------------------------------------------------ helpers
     def _loader(self, data: DataModule, split: str, stage: str | None, train: bool, cfg: DictConfig,
@@ -203,6 +206,9 @@ class Trainer:
         )
 
     def autocast(self, precision: str) -> contextlib.AbstractContextManager:
+        if precision == "auto":  # the paper-scale default: bf16 autocast on a GPU that has it, else full precision
+            bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            precision = "bf16" if bf16 else "32"
         if precision in ("bf16", "bf16-mixed"):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         if precision in ("16", "16-mixed", "fp16"):
@@ -337,6 +343,15 @@ class Trainer:
             self._fit_stage(task, data, index, spec, here, progress)
         return self.results
 
+    def _announce_duration(self, name: str, step: int, max_steps: int, seconds: float) -> None:
+        """Once, after the first steps of a long run on a CPU: how long the stage will take on this machine."""
+        per_step = seconds / max(step, 1)
+        left = per_step * (max_steps - step)
+        hours = left / 3600
+        when = f"{hours:.1f} h" if hours >= 1 else f"{left / 60:.0f} min"
+        log.warning("stage '%s': about %s more on this machine (%d steps at %.2f s a step)", name, when,
+                    max_steps - step, per_step)
+
     def _stage_cfg(self, spec: dict[str, Any]) -> DictConfig:
         overrides = {k: v for k, v in spec.items() if k not in STAGE_KEYS}
         # Resolve against the whole run config first: keys such as ${dataset.batch_size} live outside `trainer`.
@@ -411,6 +426,7 @@ class Trainer:
             self.save_checkpoint(task, optimizers, schedulers, scaler, position, name_)
 
         progress.start(name, max_steps, step)
+        first_step, stage_t0 = step, time.perf_counter()
         profiler = self._profiler(cfg)
         anomaly = torch.autograd.detect_anomaly() if cfg.detect_anomaly else contextlib.nullcontext()
         micro = 0
@@ -436,6 +452,8 @@ class Trainer:
                     if profiler is not None:
                         profiler.step()
                     progress.tick(step, sums, counts)
+                    if self.announce_duration and step - first_step == ANNOUNCE_AFTER:
+                        self._announce_duration(name, step, max_steps, time.perf_counter() - stage_t0)
                     done = step >= max_steps
                     if cfg.log_every and (step % cfg.log_every == 0 or done):
                         self._log(sums, counts, optimizers, name, step, epoch, progress)

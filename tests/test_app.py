@@ -307,3 +307,26 @@ def test_tab_completion_offers_verbs_and_hides_the_experiment_files_keys(tmp_pat
     assert not {w for w in first if w.startswith(("claims.", "paper.", "smoke=", "part_of="))}
     assert complete("mlrun re") == ["report", "reproduce", "resume="]
     assert "trainer.max_steps=" in complete("mlrun experiment=digits_classifier trainer.ma")
+
+
+def test_paper_scale_on_a_cpu_warns_and_announces_its_duration(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from mlrun.datasets.vision import write_mnist_fixture
+
+    write_mnist_fixture(tmp_path / "data")
+    p = mlrun("experiment=batchnorm_mnist", "hardware=auto", f"dataset.root={tmp_path / 'data'}", "logger=none",
+              "trainer.progress=none", "trainer.max_steps=25", "trainer.eval_every=0", "dataset.val_size=10",
+              "dataset.batch_size=8", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout + p.stderr
+    assert "paper-scale experiment and this machine has no CUDA device: running on the CPU" in out
+    # an empty validation split is absent, not empty (it divided by zero)
+    from mlrun.datasets.vision import MNIST
+
+    data = MNIST(str(tmp_path / "data"), val_size=0)
+    with pytest.raises(KeyError):
+        data.dataset("val")
+    assert len(data.dataset("train")) == 60
+    assert "stage 'train': about" in out and "(5 steps at" in out
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["device"].startswith("cpu")
