@@ -210,6 +210,8 @@ class InfoGAN(Task):
             for Q's head).
         kmeans: also report k-means (10 clusters, fitted on the training digits) on the trunk's features and on
             raw pixels, scored by the same matched accuracy.
+        g_codes: "fresh" (G's step samples new noise and codes, as the authors' loop) or "reuse" (G's step
+            reuses the D step's, the project's earlier behaviour, kept as a variant).
         traversal: the continuous codes' range in the traversal figure (the paper shows -2..2).
     """
 
@@ -219,14 +221,16 @@ class InfoGAN(Task):
                  mi_weight: float = 1.0, q_weight: float = 1.0, cont_weight: float = 1.0, fix_std: bool = True,
                  q_hidden: int = 128, leak: float = 0.1, eval_samples: int = 1000, eval_seed: int = 1234,
                  score_splits: list[str] | None = None, bn_stats: str = "real", kmeans: bool = True,
-                 traversal: float = 2.0, traversal_steps: int = 9) -> None:
+                 g_codes: str = "fresh", traversal: float = 2.0, traversal_steps: int = 9) -> None:
         super().__init__()
         if noise not in ("uniform", "normal"):
             raise ValueError(f"noise={noise!r}: expected 'uniform' or 'normal'")
         if bn_stats not in ("real", "trained"):
             raise ValueError(f"bn_stats={bn_stats!r}: expected 'real' or 'trained'")
         self.score_splits = list(score_splits) if score_splits else None
-        self.bn_stats, self.kmeans = bn_stats, kmeans
+        if g_codes not in ("fresh", "reuse"):
+            raise ValueError(f"g_codes={g_codes!r}: expected 'fresh' or 'reuse'")
+        self.bn_stats, self.kmeans, self.g_codes = bn_stats, kmeans, g_codes
         self._data: Any = None
         self.noise_dim, self.categories, self.continuous, self.noise = noise_dim, categories, continuous, noise
         self.mi_weight, self.q_weight, self.cont_weight = float(mi_weight), float(q_weight), float(cont_weight)
@@ -299,8 +303,9 @@ class InfoGAN(Task):
 
         # D (trunk and heads) has just been stepped; G is judged by the updated D on fresh codes, as in the
         # authors' loop (its generator step is a second sess.run, which samples the prior again).
-        z, cat, cont = self.sample_codes(len(x))
-        fake = self.generate(z, cat, cont)
+        if self.g_codes == "fresh":
+            z, cat, cont = self.sample_codes(len(x))
+            fake = self.generate(z, cat, cont)
         features = self.trunk(fake)
         logit = self.d_head(features)
         g_adv = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))

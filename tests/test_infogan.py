@@ -168,6 +168,10 @@ def test_generator_step_draws_fresh_codes():
     step_losses(task)
     assert len(drawn) == 2
     assert not torch.equal(drawn[0][0], drawn[1][0]) and not torch.equal(drawn[0][2], drawn[1][2])
+    drawn.clear()
+    task.g_codes = "reuse"  # the earlier behaviour, kept as a variant: one draw per step
+    step_losses(task)
+    assert len(drawn) == 1
 
 
 # ---------------------------------------------------------------------------------------------- accuracy
