@@ -812,7 +812,7 @@ def study_figure(study: dict, out_dir: Path) -> list[Path]:
             x = k + (j - 0.5) * width
             ax.bar(x, np.median(vals), width, color=color, alpha=0.6, label=f"IoU {iou}" if k == 0 else None)
             ax.scatter([x] * len(vals), vals, color="k", s=10, zorder=3)
-            ax.text(x, np.median(vals) + 1, f"{np.median(vals):.1f}", ha="center", fontsize=7)
+            ax.text(x, max(vals) + 1, f"{np.median(vals):.1f}", ha="center", fontsize=7)
     recall = [float(r["metrics"]["test/recall"]) for r in runs if "test/recall" in r["metrics"]]
     images = [int(r["metrics"]["test/images"]) for r in runs if "test/images" in r["metrics"]]
     ax.set_xticks(range(len(variants)), [names[v] for v in variants], fontsize=8)
