@@ -195,7 +195,7 @@ def test_svm_and_bbox_stages_fit_and_detect():
 
 @pytest.mark.slow
 def test_full_miniature_seed0_orders_the_variants(tmp_path, monkeypatch):
-    """The whole rcnn_digits run on seed 0 (about 4 CPU minutes): a < b < c < d and recall >= 0.9."""
+    """The whole rcnn_digits run on seed 0 (about 2 CPU minutes): a < b < c < d and recall >= 0.9."""
     from mlrun import run
 
     monkeypatch.chdir(tmp_path)
