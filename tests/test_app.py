@@ -132,6 +132,13 @@ def test_compose_applies_overrides_and_types():
         compose("digits_classifier", ["trainer.max_step=7"])
 
 
+def test_integer_arithmetic_resolvers_between_config_keys():
+    cfg = compose("digits_classifier", ["dataset.batch_size='${mlrun_mul:8,${trainer.log_every}}'",
+                                        "trainer.eval_every='${mlrun_floordiv:1077,${dataset.batch_size}}'",
+                                        "trainer.log_every=4"])
+    assert cfg.dataset.batch_size == 32 and cfg.trainer.eval_every == 33
+
+
 # ------------------------------------------------------------------------------------------ the CLI
 
 
