@@ -510,10 +510,13 @@ def _launch_ddp(cfg: DictConfig, run_dir: Path, start: Start) -> dict[str, Any]:
     nproc = int(cfg.hardware.nproc_per_node)
     log.info("starting %d data-parallel workers (%d node(s)); records in %s", nproc, cfg.hardware.nnodes, run_dir)
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.hardware.threads or 1))
-    quiet = [logging.getLogger(n) for n in ("torch.distributed.elastic", "torch.multiprocessing")]
+    import torch.distributed.launcher.api  # noqa: F401 - its loggers exist from here on
+
+    prefixes = ("torch.distributed.elastic", "torch.multiprocessing")
+    quiet = [logging.getLogger(n) for n in [*prefixes, *logging.root.manager.loggerDict] if n.startswith(prefixes)]
     levels = [q.level for q in quiet]
     for q in quiet:
-        q.setLevel(logging.CRITICAL)  # their failure report is a page; ours is one line
+        q.setLevel(logging.CRITICAL)  # their failure report is a page (and a signal's, a line of its own); ours is one
     error = None
     global _DDP_WORKERS
     _DDP_WORKERS = True

@@ -152,6 +152,15 @@ def test_an_unexpected_error_is_one_line_with_its_traceback_in_the_log(tmp_path,
     assert json.loads((tmp_path / "r/results.json").read_text())["error"] == "ZeroDivisionError: division by zero"
 
 
+def test_a_model_that_cannot_run_fails_in_one_line_with_a_failed_record(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # model.net.channels=0: built (torch warns once), then the first forward fails
+    code, lines = cli([EXP, "model.net.channels=0", "trainer.max_steps=3", "hydra.run.dir=r", *FAST], capsys)
+    errors = [ln for ln in lines if ln.startswith("mlrun: error: ")]
+    assert code == 1 and len(errors) == 1 and len(lines) <= 2 and "Traceback" not in "".join(lines), lines
+    assert "expected weight to be at least 1" in errors[0]
+    assert json.loads((tmp_path / "r/results.json").read_text())["status"] == "failed"
+
+
 def test_failed_starts_leave_no_folders(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code, lines = cli(["logger=none"], capsys)
@@ -159,7 +168,7 @@ def test_failed_starts_leave_no_folders(tmp_path, monkeypatch, capsys):
     args = [EXP, "hardware=gpu", *FAST] if not torch.cuda.is_available() else [EXP, "hardware.device=cuda:x"]
     code, lines = cli(args, capsys)
     assert code == 1 and len(lines) == 1
-    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_a_checkpoint_without_position_is_one_line(tmp_path, monkeypatch, capsys):
@@ -287,11 +296,20 @@ def test_a_sweep_with_failed_jobs_exits_nonzero_saying_how_many(tmp_path):
 
 def _children(pid: int) -> list[int]:
     out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        kids = (task / "children").read_text().split()
-        for k in map(int, kids):
-            out += [k, *_children(k)]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for k in map(int, (task / "children").read_text().split()):
+                out += [k, *_children(k)]
+    except OSError:  # it ended while we looked
+        pass
     return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _wait_for(pred, timeout: float = 120, poll: float = 0.2) -> None:
@@ -304,28 +322,32 @@ def _wait_for(pred, timeout: float = 120, poll: float = 0.2) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the workers through /proc")
-def test_sigterm_to_one_ddp_worker_stops_every_rank_at_one_step_with_one_checkpoint(tmp_path):
+@pytest.mark.parametrize("target", ["rank 1", "launcher"])
+def test_sigterm_to_one_ddp_worker_stops_every_rank_at_one_step_with_one_checkpoint(target, tmp_path):
     exe = Path(sys.executable).with_name("mlrun")
     args = [str(exe), EXP, "hardware=ddp", *FAST, "trainer.max_steps=100000", "trainer.log_every=1000",
             "trainer.eval_every=0", f"hydra.run.dir={tmp_path / 'r'}"]
     p = subprocess.Popen(args, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         def rank1() -> int | None:  # the workers are spawned in rank order
-            workers = [k for k in _children(p.pid) if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes()]
+            workers = [k for k in _children(p.pid) if b"spawn_main" in _cmdline(k)]
             return max(workers) if len(workers) == 2 else None
 
         _wait_for(lambda: rank1() is not None and (tmp_path / "r/results.json").exists())
         time.sleep(3)  # training
-        os.kill(rank1(), signal.SIGTERM)
+        os.kill(rank1() if target == "rank 1" else p.pid, signal.SIGTERM)
         out, err = p.communicate(timeout=120)
     finally:
         p.kill()
     res = json.loads((tmp_path / "r/results.json").read_text())
     assert p.returncode == 130, err[-2000:]
-    assert res["status"] == "interrupted" and res["error"].startswith("SIGTERM to another worker at step ")
+    why = "SIGTERM to another worker" if target == "rank 1" else "SIGTERM"  # the launcher forwards it to every rank
+    assert res["status"] == "interrupted" and res["error"].startswith(f"{why} at step "), res["error"]
     assert "Traceback" not in out + err and len(err.strip().splitlines()) == 1, err
     step = Trainer.load_checkpoint(tmp_path / "r/checkpoints/last.pt")["position"]["step"]
     assert f"at step {step}:" in res["error"] and step > 0
+    if target != "rank 1":
+        return  # continuing is the same either way
     r = mlrun(EXP, "hardware=ddp", *FAST, "trainer.max_steps=" + str(step + 3), f"resume={tmp_path / 'r'}",
               f"hydra.run.dir={tmp_path / 'c'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
