@@ -407,6 +407,8 @@ def _signals_outside_training(defer: bool = False) -> Iterator[threading.Event]:
 
     old = {}
     for s in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(s) is signal.SIG_IGN:
+            continue  # a sweep's job process: its launcher stops the sweep, and the job's trainer then checkpoints
         try:
             old[s] = signal.signal(s, handler)
         except ValueError:  # not the main thread

@@ -357,18 +357,17 @@ def test_sigterm_to_one_ddp_worker_stops_every_rank_at_one_step_with_one_checkpo
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the jobs through /proc")
 def test_ctrl_c_on_a_joblib_sweep_stops_it_and_resume_auto_finishes_it(tmp_path):
     tiny = ["model.net.channels=4", "model.net.hidden=8", "dataset.batch_size=8", "trainer.max_steps=1500",
-            "trainer.log_every=10", "trainer.eval_every=0", "trainer.limit_eval_batches=1"]
+            "trainer.log_every=500", "trainer.eval_every=0", "trainer.limit_eval_batches=1"]
     sweep = ["-m", EXP, "seed=0,1,2", "hydra/launcher=local", "hydra.launcher.n_jobs=2", *FAST, *tiny, "resume=auto"]
     exe = Path(sys.executable).with_name("mlrun")
     p = subprocess.Popen([str(exe), *sweep], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)
     try:
-        def training() -> int:  # running, and past set-up: its first 20 rows of metrics (step 200) are on disk
+        def running() -> int:
             return sum(json.loads(f.read_text() or "{}").get("status") == "running"
-                       and (f.parent / "metrics.jsonl").exists() and (f.parent / "metrics.jsonl").stat().st_size > 0
                        for f in tmp_path.glob("multirun/*/*/*/results.json"))
 
-        _wait_for(lambda: training() == 2, poll=0.05)
+        _wait_for(lambda: running() == 2, poll=0.05)  # most likely still being set up: they stop at their first step
         os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         out, err = p.communicate(timeout=180)
     finally:
