@@ -25,6 +25,9 @@ def offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))  # artifact staging, never ~/.local
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    # an earlier test's in-process run left its wandb-core service in os.environ: an `mlrun` subprocess would attach
+    # to it (and its study run's .wandb file would not be written)
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
     return tmp_path
 
 
