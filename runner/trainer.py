@@ -316,7 +316,7 @@ class Trainer:
         return self.results
 
     def _stage_cfg(self, spec: dict[str, Any]) -> DictConfig:
-        overrides = {k: v for k, v in spec.items() if k not in ("name", "batch_size", "split")}
+        overrides = {k: v for k, v in spec.items() if k not in ("name", "batch_size", "split", "args")}
         # Resolve against the whole run config first: keys such as ${dataset.batch_size} live outside `trainer`.
         base = self.base_cfg
         if OmegaConf.is_config(base):
@@ -330,6 +330,7 @@ class Trainer:
         from mlrun.schema import TrainerConf
 
         cfg = self.cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainerConf), self._stage_cfg(spec)))
+        task.stage_args = dict(spec.get("args") or {})  # what differs between arms that share earlier stages
         task.on_stage_start(name, data)
         task.to(self.device)
         optimizers = task.configure_optimizers() or {}
