@@ -256,16 +256,14 @@ def beam_search(net: Seq2Seq, src: Tensor, src_len: Tensor, beam: int, max_len: 
     B, K, V, dev = src.shape[0], beam, net.tgt_vocab, src.device
     L = int(max_len.max())
     memory, state = net.encode(src, src_len)
-    rows = torch.arange(B, device=dev).repeat_interleave(K)
-    state = select(state, rows)
     words, cons = successors.init(src, V)
-    cons = cons.index_select(0, rows)
+    cons = cons.repeat_interleave(K, 0)
     cols = words if words is not None else torch.arange(V, device=dev)[None]
     C = cols.shape[1]
     is_eos = (cols == EOS).view(-1, 1, C)
     scores = torch.full((B, K), NEG, device=dev)
     scores[:, 0] = 0.0
-    tokens = torch.full((B * K,), BOS, dtype=torch.long, device=dev)
+    tokens = torch.full((B,), BOS, dtype=torch.long, device=dev)  # step 0: a sentence's K rows are alike
     hist = torch.full((B, K, L), PAD, dtype=torch.long, device=dev)
     best = torch.full((B,), NEG, device=dev)
     best_seq = torch.full((B, L), PAD, dtype=torch.long, device=dev)
@@ -274,6 +272,8 @@ def beam_search(net: Seq2Seq, src: Tensor, src_len: Tensor, beam: int, max_len: 
     ar = torch.arange(B, device=dev)
     for t in range(L):
         feats, state = net.step(tokens, state, memory)
+        if t == 0:
+            feats, state = feats.repeat_interleave(K, 0), tuple(x.repeat_interleave(K, 0) for x in state)
         if scoring == "logprob":
             logp = net.scores(feats).log_softmax(-1)
             if words is not None:
@@ -328,79 +328,83 @@ def sentence_cost(pred: Sequence[int], gold: Sequence[int]) -> float:
 
 
 @torch.no_grad()
-def margin_search(net: Seq2Seq, memory: Memory, state0: State, gold_states: list[State], gold: Tensor,
-                  batch: dict[str, Tensor], beam: int, successors: Successors, margin: float = 1.0,
-                  masks: Tensor | None = None) -> dict[str, Tensor]:
-    """BSO's training search (LaSO): beam K over the batch's B·K prefixes, one decoder call per step.
+def margin_search(net: Seq2Seq, memory: Memory, state0: State, batch: dict[str, Tensor], beam: int,
+                  successors: Successors, margin: float = 1.0, masks: Tensor | None = None) -> dict[str, Tensor]:
+    """BSO's training search (LaSO), without gradients: per sentence K + 1 rows, its beam's K prefixes and the
+    gold prefix, all advanced by one decoder call per time step.
 
-    gold: the gold words' scores (B, T); gold_states: the gold prefix's state after each step. At each step
-    the gold prefix must beat the K-th candidate by the margin (at its last step, the best wrong candidate);
-    on a violation the sentence's beam restarts from the gold prefix. Returns per (sentence, step): `viol`,
-    the violating candidate's word and score, `zero_cost` (the K-th candidate was the gold prefix itself),
-    and `spliced`: the tokens the violating prefixes consumed since the last restart (gold elsewhere).
+    At each step the gold prefix must beat the K-th candidate by the margin (at its last step, the best wrong
+    candidate); on a violation the sentence's beam restarts from the gold prefix. Returns per (sentence,
+    step): the gold word's score `gold`, `viol`, the violating candidate's word and score, `zero_cost` (the
+    K-th candidate was the gold prefix itself), and `spliced`: the tokens the violating prefixes consumed
+    since the last restart (gold elsewhere).
     """
     src, tgt, tgt_len = batch["src"], batch["tgt"], batch["tgt_len"]
     B, T, K, V, dev = tgt.shape[0], tgt.shape[1], beam, net.tgt_vocab, tgt.device
+    R = K + 1  # rows per sentence: K beam slots, then the gold prefix
     words, cons0 = successors.init(src, V)
     C = V if words is None else words.shape[1]
     gold_col = column_of(words, tgt)
     ar, pos = torch.arange(B, device=dev), torch.arange(T, device=dev)
-    rows = ar.repeat_interleave(K)
-    out = {"viol": torch.zeros(B, T, dtype=torch.bool, device=dev),
+    base = ar[:, None] * R
+    out = {"gold": torch.zeros(B, T, device=dev), "viol": torch.zeros(B, T, dtype=torch.bool, device=dev),
            "viol_word": torch.zeros(B, T, dtype=torch.long, device=dev),
            "viol_score": torch.zeros(B, T, device=dev),
-           "zero_cost": torch.zeros(B, T, dtype=torch.bool, device=dev),
-           "spliced": tgt.clone()}
-    state = select(state0, rows)
-    cons, gold_cons = cons0.index_select(0, rows), cons0
+           "zero_cost": torch.zeros(B, T, dtype=torch.bool, device=dev), "spliced": tgt.clone()}
+    state, cons = state0, cons0.repeat_interleave(R, 0)
+    tokens = torch.full((B,), BOS, dtype=torch.long, device=dev)  # step 0: every row of a sentence is alike
     alive = torch.zeros(B, K, dtype=torch.bool, device=dev)
     alive[:, 0] = True
     slot0 = alive.clone()
-    tokens = torch.full((B * K,), BOS, dtype=torch.long, device=dev)
     hist = torch.full((B, K, T), PAD, dtype=torch.long, device=dev)
     gold_slot = torch.zeros(B, dtype=torch.long, device=dev)
     last_reset = torch.zeros(B, dtype=torch.long, device=dev)
     for t in range(T):
         active = t < tgt_len
         feats, new_state = net.step(tokens, state, memory, None if masks is None else masks[t])
-        ok = successors.allowed(cons, V) & alive.view(-1, 1)
-        cand = net.scores(feats, words).masked_fill(~ok, NEG).view(B, K * C)
-        top, idx = cand.topk(K, dim=1)
-        parent, col = idx // C, idx % C
+        if t == 0:
+            feats, new_state = feats.repeat_interleave(R, 0), tuple(x.repeat_interleave(R, 0) for x in new_state)
+        feats = feats.view(B, R, -1)
+        out["gold"][:, t] = net.score_of(feats[:, K], tgt[:, t])
+        ok = successors.allowed(cons.view(B, R, -1)[:, :K].reshape(B * K, -1), V)
+        cand = net.scores(feats[:, :K].reshape(B * K, -1), words).masked_fill(~ok, NEG)
+        cand = cand.masked_fill_(~alive.view(-1, 1), NEG).view(B, K * C)
+        top, idx = cand.topk(max(K, 2), dim=1)  # the 2 best give the best wrong candidate
         gold_flat = gold_slot * C + gold_col[:, t]
+        first_gold = idx[:, 0] == gold_flat
+        best_wrong = torch.where(first_gold, top[:, 1], top[:, 0])
+        best_idx = torch.where(first_gold, idx[:, 1], idx[:, 0])
+        top, idx = top[:, :K], idx[:, :K]
+        parent, col = idx // C, idx % C
         is_gold = (parent == gold_slot[:, None]) & (col == gold_col[:, t, None])
         final = t == tgt_len - 1
-        best_wrong, best_idx = cand.scatter(1, gold_flat[:, None], NEG).max(1)
         off = torch.where(final, best_wrong, top[:, K - 1])
         off_idx = torch.where(final, best_idx, idx[:, K - 1])
         off_parent, off_col = off_idx // C, off_idx % C
-        v = active & off.isfinite() & (gold[:, t] < off + margin)
+        v = active & off.isfinite() & (out["gold"][:, t] < off + margin)
         out["viol"][:, t] = v
         out["viol_word"][:, t] = off_col if words is None else words.gather(1, off_col[:, None]).squeeze(1)
         out["viol_score"][:, t] = torch.where(v, off, torch.zeros_like(off))
         out["zero_cost"][:, t] = ~final & is_gold[:, K - 1]
         own = (pos[None] >= last_reset[:, None]) & (pos[None] < t) & v[:, None]  # the violator's own tokens
         out["spliced"] = torch.where(own, hist[ar, off_parent], out["spliced"])
-        # advance: the K best, or restart from the gold prefix y_{<=t}
+        # the next rows: the K best prefixes and the gold prefix; on a violation slot 0 restarts from the gold
         word = col if words is None else words.gather(1, col)
+        rows = torch.cat([base + parent, base + K], 1)
+        rows[:, 0] = torch.where(v, base[:, 0] + K, rows[:, 0])
+        cols = torch.cat([col, gold_col[:, t, None]], 1)
+        cols[:, 0] = torch.where(v, gold_col[:, t], cols[:, 0])
+        toks = torch.cat([word, tgt[:, t, None]], 1)
+        toks[:, 0] = torch.where(v, tgt[:, t], toks[:, 0])
+        state = select(new_state, rows.view(-1))
+        cons = successors.advance(cons.index_select(0, rows.view(-1)), cols.view(-1))
+        tokens = toks.view(-1)
         hist = hist.gather(1, parent[..., None].expand(B, K, T))
         hist[:, :, t] = word
-        flat = (ar[:, None] * K + parent).view(-1)
-        state = select(new_state, flat)
-        cons = successors.advance(cons.index_select(0, flat), col.view(-1))
-        alive = top.isfinite()
-        gold_slot = is_gold.to(torch.uint8).argmax(1)
-        gold_cons = successors.advance(gold_cons, gold_col[:, t])
-        if bool(v.any()):
-            reset = (v[:, None] & slot0).view(-1)
-            state = blend(reset, select(gold_states[t], rows), state)
-            cons = torch.where(reset[:, None], gold_cons.index_select(0, rows), cons)
-            word = torch.where(v[:, None] & slot0, tgt[:, t, None], word)
-            hist = torch.where(v[:, None, None], tgt[:, None, :] * (pos <= t), hist)
-            alive = torch.where(v[:, None], slot0, alive)
-            gold_slot = torch.where(v, torch.zeros_like(gold_slot), gold_slot)
-            last_reset = torch.where(v, torch.full_like(last_reset, t + 1), last_reset)
-        tokens = word.reshape(-1)
+        hist = torch.where(v[:, None, None], tgt[:, None, :] * (pos <= t), hist)
+        alive = torch.where(v[:, None], slot0, top.isfinite())
+        gold_slot = torch.where(v, 0, is_gold.to(torch.uint8).argmax(1))
+        last_reset = torch.where(v, t + 1, last_reset)
     return out
 
 
@@ -408,6 +412,10 @@ def bso_loss(net: Seq2Seq, batch: dict[str, Tensor], beam: int, successors: Succ
              margin: float = 1.0, cost: str = "zero_one", cost_scale: float = 1.0) -> tuple[Tensor, dict[str, Any]]:
     """The search-based margin loss of one batch, summed over violations and sentences (as the authors'
     `bso_train.lua`, which back-propagates every violation of the batch unscaled).
+
+    The search (`margin_search`) runs without gradients; then one pass with gradients recomputes the scores
+    at the violations: per sentence two rows, the gold prefix and the violating sequences spliced together
+    (each restarting from the gold state after a violation), up to the batch's last violation.
 
     cost: "zero_one" (Δ = 1 for any wrong prefix) or "bleu" (Δ = 1 - sentence BLEU of the violating segment
     since the last restart against the gold segment), times cost_scale. Returns the loss and what the
@@ -418,38 +426,35 @@ def bso_loss(net: Seq2Seq, batch: dict[str, Tensor], beam: int, successors: Succ
     B, T, dev = tgt.shape[0], tgt.shape[1], tgt.device
     memory, state0 = net.encode(src, src_len)
     masks = net.dropout_masks(B, T, dev)
-    gold_feats, gold_states = net.teacher_force(memory, state0, tgt, masks)
-    gold = net.score_of(gold_feats, tgt)  # (B, T)
-    found = margin_search(net, (memory[0].detach(), memory[1]), detach(state0), [detach(s) for s in gold_states],
-                          gold.detach(), batch, beam, successors, margin, masks)
+    found = margin_search(net, (memory[0].detach(), memory[1]), detach(state0), batch, beam, successors, margin,
+                          masks)
     viol, viol_word, spliced = found["viol"], found["viol_word"], found["spliced"]
     n_viol = int(viol.sum())
-    info = {"violations": n_viol, "search_scores": found["viol_score"], "viol": viol}
+    info = {"violations": n_viol, "search_scores": found["viol_score"], "search_gold": found["gold"], "viol": viol}
     if n_viol == 0:
-        return gold.sum() * 0.0, info
+        return memory[0].sum() * 0.0, info
 
-    # ---- recompute the violating sequences' scores with gradients: one spliced pass
     last_t = int(viol.any(0).nonzero().max()) + 1
-    reset = torch.zeros(B, T, dtype=torch.bool, device=dev)
-    reset[:, 1:] = viol[:, :-1]
-    pred = []
-    state = state0
-    prev = torch.full((B,), BOS, dtype=torch.long, device=dev)
+    base = torch.arange(B, device=dev) * 2
+    state = tuple(x.repeat_interleave(2, 0) for x in state0)
+    tokens = torch.full((2 * B,), BOS, dtype=torch.long, device=dev)
+    gold, pred = [], []
     for t in range(last_t):
-        if t > 0:
-            r = reset[:, t]
-            state = blend(r, gold_states[t - 1], state)
-            prev = torch.where(r, tgt[:, t - 1], spliced[:, t - 1])
-        f, state = net.step(prev, state, memory, None if masks is None else masks[t])
-        pred.append(net.score_of(f, viol_word[:, t]))
-    pred_scores = torch.stack(pred, 1)
+        feats, new_state = net.step(tokens, state, memory, None if masks is None else masks[t])
+        feats = feats.view(B, 2, -1)
+        gold.append(net.score_of(feats[:, 0], tgt[:, t]))
+        pred.append(net.score_of(feats[:, 1], viol_word[:, t]))
+        v = viol[:, t]  # after a violation the spliced row restarts from the gold prefix
+        state = select(new_state, torch.stack([base, torch.where(v, base, base + 1)], 1).view(-1))
+        tokens = torch.stack([tgt[:, t], torch.where(v, tgt[:, t], spliced[:, t])], 1).view(-1)
+    gold_scores, pred_scores = torch.stack(gold, 1), torch.stack(pred, 1)
     delta = (~found["zero_cost"][:, :last_t]).float()
     if cost == "bleu":
         delta = _bleu_costs(spliced, tgt, viol, viol_word, last_t) * delta
     elif cost != "zero_one":
         raise ValueError(f"cost={cost!r}: expected 'zero_one' or 'bleu'")
-    terms = cost_scale * delta * (margin - gold[:, :last_t] + pred_scores)
-    info["pred_scores"] = pred_scores
+    terms = cost_scale * delta * (margin - gold_scores + pred_scores)
+    info.update(pred_scores=pred_scores, gold_scores=gold_scores)
     return terms.masked_fill(~viol[:, :last_t], 0.0).sum(), info
 
 

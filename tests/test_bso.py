@@ -214,6 +214,7 @@ def test_recomputed_scores_equal_the_search_scores(con, dropout):
     viol = info["viol"][:, : info["pred_scores"].shape[1]]
     assert info["violations"] > 0
     torch.testing.assert_close(info["pred_scores"][viol], info["search_scores"][:, : viol.shape[1]][viol])
+    torch.testing.assert_close(info["gold_scores"], info["search_gold"][:, : viol.shape[1]])
     loss.backward()
     assert all(p.grad is not None for p in net.out.parameters())
 
