@@ -254,19 +254,6 @@ def test_closed_form_stage_then_gradient_stage_in_order(tmp_path):
     assert stages[0] == "fit" and stages[-1] == "tune"
 
 
-class SeesArgs(Regression):
-    def on_stage_start(self, stage, data):
-        super().on_stage_start(stage, data)
-        self.seen = [*getattr(self, "seen", []), (stage, dict(self.stage_args))]
-
-
-def test_each_stage_hands_its_args_to_the_task_and_not_to_the_trainer_settings(tmp_path):
-    task = SeesArgs()
-    tr = make_trainer(tmp_path)
-    tr.fit(task, Tensors(), [{"name": "a", "max_steps": 1}, {"name": "b", "max_steps": 1, "args": {"lr": 0.5}}])
-    assert task.seen == [("a", {}), ("b", {"lr": 0.5})]
-
-
 # ------------------------------------------------------------------------------------------ NaN guard
 
 
