@@ -658,10 +658,13 @@ class BSO(Task):
         return total / max(n, 1)
 
     def violations(self, batch: dict[str, Tensor]) -> int:
+        """Margin violations of BSO's training search at beam max_beam on one batch (the search alone)."""
         dev = next(self.parameters()).device
         batch = {k: batch[k].to(dev) for k in ("src", "src_len", "tgt", "tgt_len")}
-        _, info = bso_loss(self.net, batch, int(self.settings["max_beam"]), self.successors, self.settings["margin"])
-        return int(info["violations"])
+        memory, state0 = self.net.encode(batch["src"], batch["src_len"])
+        found = margin_search(self.net, memory, state0, batch, int(self.settings["max_beam"]), self.successors,
+                              self.settings["margin"])
+        return int(found["viol"].sum())
 
     @torch.no_grad()
     def evaluate(self, loader: Any, split: str) -> dict[str, float]:
