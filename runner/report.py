@@ -25,6 +25,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -662,8 +663,28 @@ def sync_main(argv: list[str]) -> int:
         print(line)
     if args.dry_run:
         return 0
+    if not wandb_logged_in():
+        print(f"mlrun sync: {len(todo)} finished offline W&B run(s) wait, but this machine has no W&B login: "
+              "run `wandb login` (or set WANDB_API_KEY), then `mlrun sync` again", file=sys.stderr)
+        return 1
     # One call: wandb sync uploads the parts of one run (a resumed run's) in order of their start time.
     return subprocess.run([sys.executable, "-m", "wandb", "sync", *map(str, todo)]).returncode
+
+
+def wandb_logged_in() -> bool:
+    """Whether `wandb sync` has credentials: WANDB_API_KEY, or the netrc entry `wandb login` writes for the host."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or str(Path.home() / ".netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
 
 
 def _finished_chain(run_dir: Path) -> bool:

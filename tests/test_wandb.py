@@ -39,7 +39,13 @@ def _key(item) -> str:
 def read_run(offline_dir: Path) -> dict:
     """One offline run as W&B would receive it: the run record, history rows, the merged summary, artifacts."""
     out = {"dir": offline_dir, "history": [], "summary": {}, "artifacts": [], "exit": None}
-    (f,) = offline_dir.glob("*.wandb")
+    found = list(offline_dir.glob("*.wandb"))
+    if len(found) != 1:  # say what W&B left there, so a failure explains itself
+        logs = "".join(f"\n--- {q.name}:\n" + q.read_text(errors="replace")[-3000:]
+                       for q in sorted(offline_dir.rglob("debug*.log")))
+        listing = sorted(str(q.relative_to(offline_dir)) for q in offline_dir.rglob("*"))
+        raise AssertionError(f"{offline_dir}: {len(found)} .wandb files; contents {listing}{logs}")
+    (f,) = found
     for rec in offline_records(f):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
@@ -82,6 +88,8 @@ def mlrun(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).with_name("mlrun")
     p = subprocess.run([str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    said = p.stdout + p.stderr
+    assert "W&B could not" not in said, said[-4000:]  # mlrun keeps going without W&B; these tests need it
     return p
 
 
@@ -94,7 +102,9 @@ def test_a_two_seed_study_is_two_runs_and_one_study_run_in_one_group(offline):
               '{name:perfect,lhs:{run:arm,metric:test/acc},op:">=",rhs:1.01}]}')
     study = ["-m", "experiment=digits_classifier", "seed=0,1", "trainer.max_steps=3", *FAST, "label=arm",
              "+paper.arxiv=1234.56789", "++paper.metrics={test/acc:0.99}", claims]
-    mlrun(*study, cwd=offline, env=env)
+    p = mlrun(*study, cwd=offline, env=env)
+    said = p.stdout + p.stderr
+    assert said.count("W&B offline: ") == 2 and said.count("upload later with `mlrun sync`") == 2  # once per run
     (sweep,) = (offline / "multirun").glob("*/*")
     runs = offline_runs(sweep)
     arms = [r for r in runs if r["job_type"] == "arm"]
@@ -138,6 +148,12 @@ def test_a_two_seed_study_is_two_runs_and_one_study_run_in_one_group(offline):
     listed = [line for line in p.stdout.splitlines() if line.startswith("would sync")]
     assert len(listed) == 3 and all(f"group={group}" in line for line in listed)
     assert sum("job_type=study" in line for line in listed) == 1
+    no_login = {**env, "HOME": str(offline), "NETRC": str(offline / "no-netrc")}
+    no_login.pop("WANDB_API_KEY", None)
+    p = subprocess.run([str(Path(sys.executable).with_name("mlrun")), "sync"], cwd=offline, env=no_login,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "3 finished offline W&B run(s) wait" in p.stderr and "wandb login" in p.stderr
 
     # a relaunch with resume=auto reuses the finished runs and logs its study run into the same group;
     # another design (more steps) is another study, another group
