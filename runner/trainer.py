@@ -316,7 +316,7 @@ class Trainer:
         return self.results
 
     def _stage_cfg(self, spec: dict[str, Any]) -> DictConfig:
-        overrides = {k: v for k, v in spec.items() if k not in ("name", "batch_size", "split")}
+        overrides = {k: v for k, v in spec.items() if k not in ("name", "batch_size", "split", "max_steps_from_best")}
         # Resolve against the whole run config first: keys such as ${dataset.batch_size} live outside `trainer`.
         base = self.base_cfg
         if OmegaConf.is_config(base):
@@ -357,6 +357,13 @@ class Trainer:
             )
         accumulate = max(int(cfg.accumulate), 1)
         max_steps = int(cfg.max_epochs * per_epoch // accumulate) if cfg.max_epochs is not None else int(cfg.max_steps)
+        if spec.get("max_steps_from_best"):
+            # Retrain for the length an earlier stage chose by its monitored metric (select on val, then train
+            # on train+val for that many steps: ProtoNets' protocol).
+            if self.best.get("stage_step") is None:
+                raise ValueError(f"stage '{name}': max_steps_from_best needs an earlier stage with a monitor that "
+                                 "was evaluated (trainer.monitor and eval_every in that stage)")
+            max_steps = int(self.best["stage_step"])
         if cfg.step_limit is not None:
             max_steps = min(max_steps, int(cfg.step_limit))
 
@@ -541,7 +548,7 @@ class Trainer:
         if cfg.monitor and cfg.monitor in metrics:
             value = metrics[cfg.monitor]
             if self._improved(value, cfg):
-                self.best = {"value": value, "step": self.global_step, "stage": stage}
+                self.best = {"value": value, "step": self.global_step, "stage": stage, "stage_step": step}
                 self._bad_evals = 0
                 save("best.pt")
             else:
