@@ -332,8 +332,8 @@ class MetaLearner(Task):
         inner_steps: K, inner steps on a task's support set in training.
         inner_lr: the inner step size α in training.
         test_steps, test_lr, test_lam: the test-time adaptation (None: inner_steps, inner_lr; λ 0).
-        test_adaptations: more adaptations scored on the test split beside the main one, name -> {steps, lr, lam}
-            (reported as acc_<name>): the same θ under other test-time procedures.
+        test_adaptations: more adaptations scored beside the main one, name -> {steps, lr, lam} (reported as
+            acc_<name> on val and test): the same θ under other test-time procedures, to choose one on validation.
         meta_train: False leaves θ at its initialisation (the untrained baseline; the step yields nothing).
         memory_steps: the K at which the test evaluation measures the bytes saved for one task's meta-gradient.
         variant: the name this configuration reports (a study's label: maml, fomaml, imaml, untrained).
@@ -428,14 +428,13 @@ class MetaLearner(Task):
 
     def evaluate(self, loader: Any, split: str) -> dict[str, float]:
         """Adapt to each episode's support set, classify its query set: mean accuracy and its 95% interval; the
-        same for raw-pixel nearest neighbour (`pixel_acc`) and, on the test split, for each of `test_adaptations`
-        (`acc_<name>`). Episodes are adapted `eval_chunk` at a time (`adapt_many`). The test split also reports the
-        saved-tensor memory of one meta-gradient at each of `memory_steps`."""
+        same for raw-pixel nearest neighbour (`pixel_acc`) and for each of `test_adaptations` (`acc_<name>`).
+        Episodes are adapted `eval_chunk` at a time (`adapt_many`). The test split also reports the saved-tensor
+        memory of one meta-gradient at each of `memory_steps`."""
         from mlrun.datasets.fewshot import mean_ci95
 
         adaptations = {"": (self.test_steps, self.test_lr, self.test_lam)}
-        if split == "test":
-            adaptations.update({f"_{k}": v for k, v in self.test_adaptations.items()})
+        adaptations.update({f"_{k}": v for k, v in self.test_adaptations.items()})
         accs: dict[str, list[Tensor]] = {f"acc{k}": [] for k in adaptations}
         accs["pixel_acc"] = []
         losses = []
