@@ -21,7 +21,7 @@ import torch
 from mlrun.models.meta import IMAML, MAML, ConvLearner, memory_growth
 
 PRESETS = {  # in_channels, image_size, channels, downsample, training queries per class
-    "digits": (1, 8, 32, "pool", 1),
+    "digits": (1, 8, 16, "pool", 1),
     "omniglot": (1, 28, 64, "stride", 1),
     "miniimagenet": (3, 84, 32, "pool", 15),
 }

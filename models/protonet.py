@@ -231,7 +231,7 @@ def study_figure(study: dict[str, Any], out_dir: Path) -> list[Path]:
                 seeds = [100 * v for v in values[(name, s)]]
                 ax.plot([s] * len(seeds), seeds, ".", color=line[0].get_color(), alpha=0.5)
     ax.set_xlabel("shots per class (K)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%): line = median of seeds,\ndots = seeds, bars = median 95% CI", fontsize=8)
     ax.set_xticks(sorted({s for _, s in acc} | {s for _, s in pix}))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
