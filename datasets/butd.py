@@ -163,7 +163,7 @@ def region_boxes(scene: Scene, rng: np.random.Generator, k: int = 8, jitter: flo
     need = k - len(det)
     bg = np.zeros((0, 4), np.float32)
     if need > 0 and background == "selective_search":
-        from mlrun.models.rcnn import selective_search
+        from mlrun.datasets.proposals import selective_search
 
         props = selective_search(scene.image, upscale=1.0, k=100, sigma=0.8)
         props = props[((props[:, 2:] - props[:, :2]) >= 6).all(1)]
