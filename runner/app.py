@@ -159,6 +159,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False) -> dict
     seed_everything(int(cfg.seed) + 0, cfg.trainer.deterministic)
     data = instantiate(cfg.dataset, _convert_="object")
     task = instantiate(cfg.model, _convert_="object")
+    task.setup(data)
     task.cache_dir = run_dir / "cache" if dist.is_main else None
     trainer = Trainer(cfg.trainer, device, run_dir, loggers, int(cfg.seed), dist, wandb_id=loggers.wandb_id)
     trainer.channels_last = bool(cfg.hardware.channels_last) and device.type == "cuda"
