@@ -798,29 +798,50 @@ class TopDownCaptioner(nn.Module):
 
     @torch.no_grad()
     def beam_search(self, v: Tensor, bos: int, eos: int, beam: int = 3, max_len: int = 16) -> list[list[int]]:
-        """Per image, the highest-scoring sequence (sum of log-probabilities) among `beam` hypotheses."""
-        results = []
-        for i in range(len(v)):
-            vi = v[i : i + 1]
-            hyps = [([bos], 0.0, self.init_state(vi))]
-            done: list[tuple[list[int], float]] = []
-            for _ in range(max_len + 1):
-                cand = []
-                for seq, score, state in hyps:
-                    logp, new, _ = self.step(vi, torch.tensor([seq[-1]], device=v.device), state)
-                    top = logp[0].topk(beam)
-                    cand += [(seq + [int(w)], score + float(s), new) for s, w in zip(top.values, top.indices)]
-                cand.sort(key=lambda c: -c[1])
-                hyps = []
-                for seq, score, state in cand:
-                    (done if seq[-1] == eos else hyps).append((seq, score) if seq[-1] == eos else (seq, score, state))
-                    if len(hyps) == beam:
-                        break
-                if not hyps or (len(done) >= beam and max(s for _, s in done) >= hyps[0][1]):
-                    break
-            best = max(done or [(h[0], h[1]) for h in hyps], key=lambda c: c[1])[0]
-            results.append([w for w in best[1:] if w != eos])
-        return results
+        """Per image, the highest-scoring sequence (sum of log-probabilities) among `beam` hypotheses, without
+        <bos>/<eos>. Each step extends every live hypothesis by its `beam` best words; of all these, best first, a
+        candidate ending in <eos> is finished, the others refill the beam; an image stops when it has `beam`
+        finished captions and the best of them scores at least its best live one; its answer is its best finished
+        caption (else its best live one). The decoder runs once per step for all images and hypotheses."""
+        n = len(v)
+        vb = v.repeat_interleave(beam, 0)
+        state = self.init_state(vb)
+        words = torch.full((n * beam,), bos, dtype=torch.long, device=v.device)
+        hyps: list[list[tuple[list[int], float]]] = [[([bos], 0.0)] for _ in range(n)]
+        done: list[list[tuple[list[int], float]]] = [[] for _ in range(n)]
+        active = [True] * n
+        for _ in range(max_len + 1):
+            logp, state, _ = self.step(vb, words, state)
+            top = logp.view(n, beam, -1).topk(beam, dim=2)
+            values, indices = top.values.tolist(), top.indices.tolist()
+            parents: list[int] = []
+            for i in range(n):
+                parent = []
+                if active[i]:
+                    cand = [(score + values[i][h][j], h, indices[i][h][j])
+                            for h, (_, score) in enumerate(hyps[i]) for j in range(beam)]
+                    cand.sort(key=lambda c: -c[0])  # stable: ties keep (hypothesis, rank) order
+                    live = []
+                    for score, h, w in cand:
+                        seq = hyps[i][h][0] + [w]
+                        if w == eos:
+                            done[i].append((seq, score))
+                        else:
+                            live.append((seq, score))
+                            parent.append(h)
+                        if len(live) == beam:
+                            break
+                    hyps[i] = live
+                    if not live or (len(done[i]) >= beam and max(s for _, s in done[i]) >= live[0][1]):
+                        active[i] = False
+                parents += [i * beam + h for h in parent + [0] * (beam - len(parent))]
+            if not any(active):
+                break
+            state = tuple(x[parents] for x in state)
+            words = torch.tensor([hyps[i][j][0][-1] if j < len(hyps[i]) else eos for i in range(n)
+                                  for j in range(beam)], dtype=torch.long, device=v.device)
+        best = [max(done[i] or hyps[i], key=lambda c: c[1])[0] for i in range(n)]
+        return [[w for w in seq[1:] if w != eos] for seq in best]
 
 
 def caption_scores(candidates: dict[int, str], references: dict[int, list[str]],

@@ -353,3 +353,44 @@ def test_a_run_whose_classifier_follows_the_data_resumes(tmp_path):
     first = run("butd_vqa_digits", smoke, run_dir=tmp_path / "a")
     again = run("butd_vqa_digits", [*smoke, "eval_only=true", f"resume={tmp_path / 'a'}"], run_dir=tmp_path / "b")
     assert again["status"] == "completed" and again["metrics"]["test/acc"] == first["metrics"]["test/acc"]
+
+
+def _beam_search_one_image_at_a_time(dec, v, bos, eos, beam, max_len):
+    """The earlier, unbatched beam search (one decoder call per hypothesis per word): the reference."""
+    results = []
+    for i in range(len(v)):
+        vi = v[i : i + 1]
+        hyps = [([bos], 0.0, dec.init_state(vi))]
+        done = []
+        for _ in range(max_len + 1):
+            cand = []
+            for seq, score, state in hyps:
+                logp, new, _ = dec.step(vi, torch.tensor([seq[-1]]), state)
+                top = logp[0].topk(beam)
+                cand += [(seq + [int(w)], score + float(s), new) for s, w in zip(top.values, top.indices)]
+            cand.sort(key=lambda c: -c[1])
+            hyps = []
+            for seq, score, state in cand:
+                (done if seq[-1] == eos else hyps).append((seq, score) if seq[-1] == eos else (seq, score, state))
+                if len(hyps) == beam:
+                    break
+            if not hyps or (len(done) >= beam and max(s for _, s in done) >= hyps[0][1]):
+                break
+        best = max(done or [(h[0], h[1]) for h in hyps], key=lambda c: c[1])[0]
+        results.append([w for w in best[1:] if w != eos])
+    return results
+
+
+@pytest.mark.parametrize("beam", [1, 2, 3, 5])
+def test_batched_beam_search_equals_one_image_at_a_time(beam):
+    from mlrun.models.butd import TopDownCaptioner
+
+    torch.manual_seed(5)
+    dec = TopDownCaptioner(vocab_size=9, v_dim=5, embed=8, hidden=16, att_hidden=8).eval()
+    with torch.no_grad():  # sharper distributions: some captions end early, others run to max_len
+        for p in dec.parameters():
+            p.mul_(3)
+    v = torch.randn(7, 3, 5)
+    batched = dec.beam_search(v, bos=2, eos=3, beam=beam, max_len=6)
+    assert batched == _beam_search_one_image_at_a_time(dec, v, 2, 3, beam, 6)
+    assert len({len(c) for c in batched}) > 1
