@@ -355,6 +355,7 @@ def test_a_run_whose_classifier_follows_the_data_resumes(tmp_path):
     assert again["status"] == "completed" and again["metrics"]["test/acc"] == first["metrics"]["test/acc"]
 
 
+@torch.no_grad()
 def _beam_search_one_image_at_a_time(dec, v, bos, eos, beam, max_len):
     """The earlier, unbatched beam search (one decoder call per hypothesis per word): the reference."""
     results = []
