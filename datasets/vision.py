@@ -77,10 +77,12 @@ class MNIST(DataModule):
             train = datasets.MNIST(str(self.root), train=True, download=download)
             test = datasets.MNIST(str(self.root), train=False, download=download)
         except (RuntimeError, OSError, ValueError, EOFError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(
                 self.root / "MNIST" / "raw", "the four idx files " + ", ".join(self.files),
+                f"the download failed, no network? ({why})" if download else
                 f"Set dataset.root to the folder holding MNIST/, or dataset.download=true where there is a network "
-                f"({type(e).__name__}: {e})",
+                f"({type(e).__name__}: {why})",
             ) from None
         xs = {"train": train.data, "test": test.data}
         ys = {"train": train.targets, "test": test.targets}
@@ -97,6 +99,8 @@ class MNIST(DataModule):
         tr, va = _split_val(len(xs["train"]), val_size)
         x = {"train": xs["train"][tr], "val": xs["train"][va], "test": xs["test"]}
         y = {"train": ys["train"][tr], "val": ys["train"][va], "test": ys["test"]}
+        if not len(va):  # val_size=0: no val split at all (as CIFAR's), never an empty one
+            del x["val"], y["val"]
         x = {k: v.float().div(255.0) for k, v in x.items()}
         if normalize == "standard":
             mean, std = x["train"].mean(), x["train"].std()

@@ -40,6 +40,8 @@ def setup() -> None:
     schema.register()
     if not OmegaConf.has_resolver("mlrun_stamp"):
         OmegaConf.register_new_resolver("mlrun_stamp", _stamp)
+    if not OmegaConf.has_resolver("mlrun_pad"):  # sweep subfolders sort in job order: 000_, 001_, ..., 010_
+        OmegaConf.register_new_resolver("mlrun_pad", lambda n, width=3: str(n).zfill(int(width)))
 
 
 def experiments() -> list[str]:
@@ -90,6 +92,36 @@ def _fail(message: str, multirun: bool, code: int = 1) -> None:
         sys.exit(code)
 
 
+HIDDEN = ("claims.", "paper.", "smoke=", "part_of=", "study=", "study.", "scale=")
+"""Keys the experiment files own: tab completion does not offer them."""
+
+
+def _complete(argv: list[str]) -> None:
+    """Tab completion: Hydra's candidates without the experiment files' own keys, plus the verbs as first word."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    sys.argv = [sys.argv[0], *argv]
+    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+        _hydra_main()
+    words = os.environ.get("COMP_LINE", "").split()
+    typing = "" if os.environ.get("COMP_LINE", "").endswith(" ") else (words[-1] if len(words) > 1 else "")
+    first = len(words) == 1 or (len(words) == 2 and typing)
+    verbs = [v for v in VERBS if v.startswith(typing)] if first else []
+    out = verbs + [w for w in buf.getvalue().split() if not w.startswith(HIDDEN)]
+    print("\n".join(out))
+
+
+def _quote_sweep_param(arg: str) -> str:
+    """`hydra.sweeper.params.seed=5,6,7` replaces the study's own sweep of that key (fresh seeds without editing a
+    file). Hydra refuses a sweep over its own config, so the list goes in as the string its sweeper parses."""
+    key, eq, value = arg.partition("=")
+    if eq and key.startswith("hydra.sweeper.params.") and "," in value and value[:1] not in "'\"":
+        return f"{key}='{value}'"
+    return arg
+
+
 def _hydra_main() -> None:
     import hydra
 
@@ -112,6 +144,7 @@ Usage:
 Config groups (choose one with group=option):
 {groups}
 Common keys: seed=N  resume=<run dir>|auto  eval_only=true  trainer.max_steps=N  trainer.precision=bf16
+             --no-cache (or cache.stages=false): recompute stages a study's arms would share
              hardware.nproc_per_node=N  logger.project=NAME  dataset.root=PATH
 
 Examples:
@@ -167,6 +200,12 @@ def main(argv: list[str] | None = None) -> None:
             from mlrun.report import sync_main
 
             sys.exit(sync_main(rest))
+    if any(a.startswith("query=") for a in argv) and ("-sc" in argv or "--shell-completion" in argv):
+        _complete(argv)
+        return
+    argv = [_quote_sweep_param(a) for a in argv]
+    if "--no-cache" in argv:  # the stage cache's off switch, as a flag
+        argv = [a for a in argv if a != "--no-cache"] + ["cache.stages=false"]
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.pop("MLRUN_STAMP", None)  # a new launch, a new stamp (job processes inherit it, never call main)
     _stamp()

@@ -31,7 +31,8 @@ class TrainerConf:
     keep_last: int = 0
     """Also keep the last K step-numbered checkpoints (0: only last.pt)."""
     precision: str = "32"
-    """32, bf16 or 16 (16 uses a GradScaler; bf16 and 16 are autocast)."""
+    """32, bf16, 16 or auto (16 uses a GradScaler; bf16 and 16 are autocast; auto: bf16 on a CUDA device that
+    supports it, else 32)."""
     accumulate: int = 1
     clip_grad_norm: float | None = None
     scheduler: Any = None
@@ -62,7 +63,7 @@ class HardwareConf:
     device: str = "cpu"
     """cpu, cuda or auto."""
     threads: int | None = None
-    """torch intra-op threads for this process (None: leave torch's default)."""
+    """torch intra-op threads for this process (None: 1 for CPU-scale experiments, torch's default otherwise)."""
     nproc_per_node: int = 1
     """More than 1 starts that many data-parallel workers (gloo on CPU, NCCL on GPU)."""
     nnodes: int = 1
@@ -89,6 +90,15 @@ class LoggerConf:
 
 
 @dataclass
+class CacheConf:
+    stages: str = "auto"
+    """Reuse an earlier run's end-of-stage checkpoint when the stage's inputs match (mlrun.cache): auto (inside
+    a multirun), true or false (`mlrun --no-cache ...`)."""
+    dir: str | None = None
+    """Where cached stages live (default: `.stage_cache` beside the sweep dir)."""
+
+
+@dataclass
 class MlrunConf:
     """The top level. `model` and `dataset` are `_target_` calls chosen by the experiment."""
 
@@ -97,6 +107,7 @@ class MlrunConf:
     trainer: TrainerConf = field(default_factory=TrainerConf)
     hardware: HardwareConf = field(default_factory=HardwareConf)
     logger: LoggerConf = field(default_factory=LoggerConf)
+    cache: CacheConf = field(default_factory=CacheConf)
     experiment_name: str = "unnamed"
     label: str = "run"
     """Names this run's condition inside a study (runs that differ only by seed share a label)."""

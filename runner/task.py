@@ -28,6 +28,9 @@ class Task(nn.Module):
     """Base class with the optional hooks' defaults. Subclasses implement `training_step`."""
 
     stage: str = "train"
+    stage_args: dict[str, Any] = {}  # noqa: RUF012 - replaced (never mutated) by the trainer
+    """The current stage's `args:` from the experiment's `stages:` list, set by the trainer before
+    `on_stage_start`. Arms of a study that share earlier stages differ here, so the stage cache can reuse them."""
     cache_dir: Path | None = None
     """Where a task may write what it computes once and others may reuse (frozen features, say): the run's
     `cache/` on the main process, None on other DDP ranks and outside a run. Set by the runner."""

@@ -32,6 +32,8 @@ from mlrun.task import DataModule, Task
 log = logging.getLogger("mlrun")
 
 CHECKPOINT_FORMAT = 1
+ANNOUNCE_AFTER = 20
+"""Steps after which a paper-scale run on a CPU estimates its duration."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -137,6 +139,22 @@ def _first_item(items: list[Any]) -> Any:
     return items[0]
 
 
+def _at_stage_start(position: dict[str, Any]) -> bool:
+    """A checkpoint written at a stage's end points at the next stage's step 0 (a mid-stage one never does)."""
+    return position.get("step", 0) == 0 and position.get("epoch", 0) == 0 and position.get("batch_in_epoch", 0) == 0
+
+
+STAGE_KEYS = ("name", "batch_size", "split", "args")
+"""Keys of a stage spec that are not trainer settings: the rest override `trainer` for that stage."""
+
+
+def start_stage(task: Task, spec: dict[str, Any], data: DataModule) -> None:
+    """Hand the task its stage: `task.stage_args` is the stage's `args:` (what differs between the arms of a study
+    that share earlier stages), then `on_stage_start`."""
+    task.stage_args = dict(spec.get("args") or {})
+    task.on_stage_start(spec.get("name", "train"), data)
+
+
 # ---------------------------------------------------------------------------------------------- trainer
 
 
@@ -160,6 +178,8 @@ class Trainer:
         self.channels_last = False
         self.cfg: Any = None  # the current stage's settings (a TrainerConf)
         self._bad_evals = 0
+        self.stage_cache: Any = None  # an mlrun.cache.StageCache when stages may be reused (set by the runner)
+        self.announce_duration = False  # a paper-scale run on a CPU says how long it will take (set by the runner)
 
     # ------------------------------------------------------------------ helpers
     def _loader(self, data: DataModule, split: str, stage: str | None, train: bool, cfg: DictConfig,
@@ -186,6 +206,9 @@ class Trainer:
         )
 
     def autocast(self, precision: str) -> contextlib.AbstractContextManager:
+        if precision == "auto":  # the paper-scale default: bf16 autocast on a GPU that has it, else full precision
+            bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            precision = "bf16" if bf16 else "32"
         if precision in ("bf16", "bf16-mixed"):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         if precision in ("16", "16-mixed", "fp16"):
@@ -307,16 +330,30 @@ class Trainer:
             self.global_step = resume["position"]["global_step"]
             self.best = resume.get("best") or self.best
             self.results = dict(resume.get("results") or {})
-        start_stage = resume["position"]["stage_index"] if resume else 0
+        first = resume["position"]["stage_index"] if resume else 0
+        if resume is not None and _at_stage_start(resume["position"]):
+            # saved at the end of the previous stage: this stage starts fresh (its own optimizers), from the RNG
+            # state the uninterrupted run had there, before the stage's own set-up draws from it
+            set_rng_state(resume["rng"])
+            resume = None
         for index, spec in enumerate(stages):
-            if index < start_stage:
+            if index < first:
                 continue
-            here = resume if (resume is not None and index == start_stage) else None
+            here = resume if (resume is not None and index == first) else None
             self._fit_stage(task, data, index, spec, here, progress)
         return self.results
 
+    def _announce_duration(self, name: str, step: int, max_steps: int, seconds: float) -> None:
+        """Once, after the first steps of a long run on a CPU: how long the stage will take on this machine."""
+        per_step = seconds / max(step, 1)
+        left = per_step * (max_steps - step)
+        hours = left / 3600
+        when = f"{hours:.1f} h" if hours >= 1 else f"{left / 60:.0f} min"
+        log.warning("stage '%s': about %s more on this machine (%d steps at %.2f s a step)", name, when,
+                    max_steps - step, per_step)
+
     def _stage_cfg(self, spec: dict[str, Any]) -> DictConfig:
-        overrides = {k: v for k, v in spec.items() if k not in ("name", "batch_size", "split")}
+        overrides = {k: v for k, v in spec.items() if k not in STAGE_KEYS}
         # Resolve against the whole run config first: keys such as ${dataset.batch_size} live outside `trainer`.
         base = self.base_cfg
         if OmegaConf.is_config(base):
@@ -330,7 +367,7 @@ class Trainer:
         from mlrun.schema import TrainerConf
 
         cfg = self.cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainerConf), self._stage_cfg(spec)))
-        task.on_stage_start(name, data)
+        start_stage(task, spec, data)
         task.to(self.device)
         optimizers = task.configure_optimizers() or {}
         schedulers = {}
@@ -389,11 +426,12 @@ class Trainer:
             self.save_checkpoint(task, optimizers, schedulers, scaler, position, name_)
 
         progress.start(name, max_steps, step)
+        first_step, stage_t0 = step, time.perf_counter()
         profiler = self._profiler(cfg)
         anomaly = torch.autograd.detect_anomaly() if cfg.detect_anomaly else contextlib.nullcontext()
         micro = 0
         stop_early = False
-        with anomaly:
+        with anomaly, contextlib.closing(progress):  # the bar stops before any message, Ctrl-C's included
             while step < max_steps and not stop_early:
                 if batch_in_epoch >= per_epoch:
                     epoch, batch_in_epoch = epoch + 1, 0
@@ -413,6 +451,9 @@ class Trainer:
                     self.global_step += 1
                     if profiler is not None:
                         profiler.step()
+                    progress.tick(step, sums, counts)
+                    if self.announce_duration and step - first_step == ANNOUNCE_AFTER:
+                        self._announce_duration(name, step, max_steps, time.perf_counter() - stage_t0)
                     done = step >= max_steps
                     if cfg.log_every and (step % cfg.log_every == 0 or done):
                         self._log(sums, counts, optimizers, name, step, epoch, progress)
@@ -435,6 +476,11 @@ class Trainer:
         self._eval_and_track(task, data, name, cfg, step, epoch, save, final=True)
         position.update(stage_index=index + 1, step=0, epoch=0, batch_in_epoch=0)
         self.save_checkpoint(task, optimizers, schedulers, scaler, position)
+        if self.stage_cache is not None and self.dist.is_main:
+            from mlrun.records import METRICS
+
+            self.loggers.flush()  # the cached history must hold every row up to this stage's end
+            self.stage_cache.store(index, self.ckpt_dir / "last.pt", self.run_dir / METRICS, self.run_dir)
 
     def _step(self, task: Task, batch: Any, cfg: DictConfig, optimizers: dict, params: dict, others: dict,
               scaler: Any, accumulate: int, boundary: bool, sums: dict, counts: dict, step: int) -> bool:

@@ -111,8 +111,16 @@ def test_study_gathers_runs_by_label_and_checks_claims(tmp_path):
         {"name": "missing", "lhs": {"run": "nope", "metric": "test/acc"}, "op": ">", "rhs": 0},
     ]}
     study = gather(sweep, study_cfg, "digits_classifier")
-    assert study["groups"]["long"]["test/acc"]["n"] == 2
+    assert study["groups"]["long"]["test/acc"]["n"] == 2 and study["seeds"] == [0, 1]
     assert [c["status"] for c in study["claims"]] == ["held", "failed", "unknown"]
+    held = study["claims"][0]
+    assert held["held_count"] == 2 and [p["seed"] for p in held["per_seed"]] == [0, 1]
+    for p in held["per_seed"]:  # each seed's long run against the same seed's short run
+        long_ = [r for r in study["runs"] if r["label"] == "long" and r["seed"] == p["seed"]][0]
+        short = [r for r in study["runs"] if r["label"] == "short" and r["seed"] == p["seed"]][0]
+        assert p["lhs"] == long_["metrics"]["test/acc"] and p["rhs"] == short["metrics"]["test/acc"] + 0.3
+    # each label's own run claim (test/acc >= 0.95), aggregated over its seeds
+    assert study["run_claims"]["short"][0]["status"] == "failed" and study["run_claims"]["long"][0]["n_seeds"] == 2
     assert json.loads((sweep / "study.json").read_text())["status"] == "completed"
 
 
@@ -244,3 +252,74 @@ def test_reproduce_runs_each_experiment_then_rewrites_the_readme_section(tmp_pat
     root = next((tmp_path / "bad").iterdir())
     assert r.returncode == 1 and "(failed)" in (root / "REPORT.md").read_text()
     assert json.loads((root / "wall_times.json").read_text())["failed"] == ["digits_classifier"]
+
+
+def test_study_derives_metrics_per_seed_for_paired_claims(tmp_path, monkeypatch):
+    """`summarize` runs once over all seeds and once per seed; a claim on a derived metric is paired by seed."""
+    import types
+
+    from mlrun.records import write_json
+
+    def gap(study):  # best label minus worst, from whatever runs it is given
+        med = {label: m["test/acc"]["median"] for label, m in study["groups"].items()}
+        return {"gap": med["a"] - med["b"]} if {"a", "b"} <= set(med) else {}
+
+    monkeypatch.setitem(sys.modules, "_mlrun_test_summaries", types.SimpleNamespace(gap=gap))
+    for seed, (a, b) in enumerate([(0.9, 0.5), (0.8, 0.75), (0.95, 0.6)]):
+        for label, acc in (("a", a), ("b", b)):
+            write_json(tmp_path / f"{label}{seed}" / "results.json", {
+                "label": label, "seed": seed, "status": "completed", "metrics": {"test/acc": acc}})
+    claim = {"name": "gap at least 0.1", "lhs": "gap", "op": ">=", "rhs": 0.1}
+    study = gather(tmp_path, {"summarize": {"_target_": "_mlrun_test_summaries.gap", "_partial_": True},
+                              "claims": [claim]}, "x")
+    assert study["derived"]["gap"] == pytest.approx(0.9 - 0.6)  # medians over all seeds
+    assert {s: round(d["gap"], 6) for s, d in study["derived_per_seed"].items()} == {"0": 0.4, "1": 0.05, "2": 0.35}
+    (c,) = study["claims"]
+    assert c["held_count"] == 2 and c["n_seeds"] == 3 and c["status"] == "fragile"  # 2/3 < 80%
+
+
+def test_fresh_seeds_replace_a_studys_seeds_from_the_command_line(tmp_path):
+    """`'hydra.sweeper.params.seed=5,6'` confirms a study on fresh seeds without editing its file."""
+    p = mlrun("-m", "experiment=batchnorm_digits", "hydra.sweeper.params.seed=5,6", "debug=fast",
+              "hydra/launcher=basic", f"hydra.sweep.dir={tmp_path / 'sw'}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    study = json.loads((tmp_path / "sw" / "study.json").read_text())
+    assert study["seeds"] == [5, 6] and sorted({r["seed"] for r in study["runs"]}) == [5, 6]
+
+
+def test_tab_completion_offers_verbs_and_hides_the_experiment_files_keys(tmp_path):
+    def complete(line: str) -> list[str]:
+        exe = Path(sys.executable).with_name("mlrun")
+        env = {**os.environ, "COMP_LINE": line, "COMP_POINT": str(len(line))}
+        p = subprocess.run([str(exe), "-sc", "query=bash"], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        return p.stdout.split()
+
+    first = complete("mlrun ")
+    assert {"ls", "report", "validate", "reproduce", "sync", "experiment=", "trainer."} <= set(first)
+    assert not {w for w in first if w.startswith(("claims.", "paper.", "smoke=", "part_of="))}
+    assert complete("mlrun re") == ["report", "reproduce", "resume="]
+    assert "trainer.max_steps=" in complete("mlrun experiment=digits_classifier trainer.ma")
+
+
+def test_paper_scale_on_a_cpu_warns_and_announces_its_duration(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from mlrun.datasets.vision import write_mnist_fixture
+
+    write_mnist_fixture(tmp_path / "data")
+    p = mlrun("experiment=batchnorm_mnist", "hardware=auto", f"dataset.root={tmp_path / 'data'}", "logger=none",
+              "trainer.progress=none", "trainer.max_steps=25", "trainer.eval_every=0", "dataset.val_size=10",
+              "dataset.batch_size=8", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout + p.stderr
+    assert "paper-scale experiment and this machine has no CUDA device: running on the CPU" in out
+    # an empty validation split is absent, not empty (it divided by zero)
+    from mlrun.datasets.vision import MNIST
+
+    data = MNIST(str(tmp_path / "data"), val_size=0)
+    with pytest.raises(KeyError):
+        data.dataset("val")
+    assert len(data.dataset("train")) == 60
+    assert "stage 'train': about" in out and "(5 steps at" in out
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["device"].startswith("cpu")

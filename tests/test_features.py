@@ -125,12 +125,13 @@ def test_report_groups_seeds_sets_paper_values_and_lists_failures(tmp_path, caps
     for s, acc in enumerate([0.8, 0.9, 1.0]):
         _fake_run(tmp_path / f"r{s}", "exp_a", "run", s, acc)
     _fake_run(tmp_path / "bad", "exp_a", "run", 3, 0.0, status="failed")
-    results, claims = rows(*find_records([tmp_path]))
-    ok = [r for r in results if r["status"] == "completed"][0]
+    runs, studies, _ = find_records([tmp_path])
+    results, claims, excluded = rows(runs, studies)
+    (ok,) = results
     assert ok["ours"] == "0.9 ± 0.1 (n=3)" and ok["paper"] == "0.9" and ok["diff"] == "+0" and ok["source"] == "Table 1"
-    assert any(r["status"].startswith("failed: boom") for r in results)
-    assert claims == [{"experiment": "exp_a", "claim": "acc >= 0.5", "measured": "0.9 ± 0.1 (n=3) >= 0.5",
-                       "status": "held"}]
+    assert [(e["reason"], e["error"], e["listed"]) for e in excluded] == [("failed", "boom", True)]
+    assert [(c["claim"], c["status"], c["measured"]) for c in claims] == [
+        ("acc >= 0.5", "held 3/3", "median 0.9 >= 0.5 (seeds: 0.8, 0.9, 1)")]
     assert report_main([str(tmp_path), "--format", "markdown", "--out", str(tmp_path / "REPORT.md")]) == 0
     text = (tmp_path / "REPORT.md").read_text()
     assert "| exp_a | run | test/acc | 0.9 ± 0.1 (n=3) | 0.9 |" in text

@@ -63,7 +63,7 @@ def test_a_multirun_of_two_ddp_jobs_leaves_two_run_dirs(launcher, tmp_path):
           cwd=tmp_path)
     runs = completed_runs(tmp_path / "sw")
     assert len(runs) == 2 and all(r["world_size"] == 2 and r["ddp_replicas_identical"] for r in runs)
-    assert sorted(p.name for p in (tmp_path / "sw").iterdir() if p.is_dir()) == ["0_run_s0", "1_run_s1"]
+    assert sorted(p.name for p in (tmp_path / "sw").iterdir() if p.is_dir()) == ["000_run_s0", "001_run_s1"]
 
 
 @pytest.mark.parametrize("name", experiments())
