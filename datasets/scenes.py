@@ -184,3 +184,67 @@ class DigitScenes(DataModule):
 
     def describe(self) -> dict[str, Any]:
         return {f"{k}_scenes": v for k, v in self.sizes.items()}
+
+
+def target_scene(rng: np.random.Generator, target: np.ndarray, digits: np.ndarray, canvas: int = 16,
+                 target_size: int = 12, distractors: tuple[int, int] = (1, 2),
+                 distractor_sizes: tuple[int, int] = (6, 8), clutter: float = 0.1) -> np.ndarray:
+    """A canvas with one large `target` digit at a random place and 1-2 smaller distractor digits drawn from
+    `digits` at random places (overlaps allowed, max of the inks), plus Gaussian noise of std clutter / 2: a
+    classification image whose label is the target's, harder than a centred digit. Digits in [0, 1]."""
+    image = np.zeros((canvas, canvas), dtype=np.float32)
+    for _ in range(int(rng.integers(distractors[0], distractors[1] + 1))):
+        size = int(rng.integers(distractor_sizes[0], distractor_sizes[1] + 1))
+        patch = _resize(digits[int(rng.integers(len(digits)))], size)
+        y, x = int(rng.integers(0, canvas - size + 1)), int(rng.integers(0, canvas - size + 1))
+        image[y : y + size, x : x + size] = np.maximum(image[y : y + size, x : x + size], patch)
+    patch = _resize(target, target_size)
+    y, x = int(rng.integers(0, canvas - target_size + 1)), int(rng.integers(0, canvas - target_size + 1))
+    image[y : y + target_size, x : x + target_size] = np.maximum(image[y : y + target_size, x : x + target_size],
+                                                                 patch)
+    if clutter > 0:
+        image = np.clip(image + rng.normal(0, clutter / 2, image.shape).astype(np.float32), 0.0, 1.0)
+    return image
+
+
+@cache
+def _target_scenes(split: str, seed: int, copies: int, kw: tuple) -> tuple[np.ndarray, np.ndarray]:
+    from mlrun.datasets.digits import load_digits_arrays, split_indices
+
+    images, labels = load_digits_arrays()
+    idx = split_indices()[split]
+    digits = images[idx] / 16.0
+    rng = np.random.default_rng(_split_seed(split, seed))
+    x = np.stack([target_scene(rng, d, digits, **dict(kw)) for _ in range(copies) for d in digits])[:, None]
+    return x, np.tile(labels[idx], copies)
+
+
+class TargetScenes(DataModule):
+    """Classification on digit scenes: each digit of a split becomes the large target of `copies` scenes (training
+    split; one scene per digit in val and test, so their sizes and labels are the digits'), with smaller
+    distractor digits of the same split around it. Deterministic given `seed`; test scenes hold only test digits.
+
+    Args:
+        copies: scenes per training digit (fresh places and distractors each), so that a harder task gets the
+            data it needs while an epoch over the digits stays the unit: `copies` scene epochs = 1 digit epoch.
+        canvas, target_size, distractors, distractor_sizes, clutter: passed to `target_scene`.
+        batch_size, eval_batch_size: loader batch sizes.
+    """
+
+    def __init__(self, copies: int = 1, canvas: int = 16, target_size: int = 12, distractors: tuple[int, int] = (1, 2),
+                 distractor_sizes: tuple[int, int] = (6, 8), clutter: float = 0.1, seed: int = 0,
+                 batch_size: int = 64, eval_batch_size: int = 512) -> None:
+        self.kw = (("canvas", canvas), ("clutter", clutter), ("distractor_sizes", tuple(distractor_sizes)),
+                   ("distractors", tuple(distractors)), ("target_size", target_size))
+        self.copies, self.seed, self.batch_size, self.eval_batch_size = copies, seed, batch_size, eval_batch_size
+
+    def dataset(self, split: str, stage: str | None = None) -> Dataset:
+        from torch.utils.data import TensorDataset
+
+        if split not in SPLITS:
+            raise KeyError(split)
+        x, y = _target_scenes(split, self.seed, self.copies if split == "train" else 1, self.kw)
+        return TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+
+    def describe(self) -> dict[str, Any]:
+        return {split: len(self.dataset(split)) for split in SPLITS}

@@ -7,10 +7,17 @@ correctly. The paper measures θ for linear SVMs across the L2 regularisation λ
 mirror image through the boundary: far from the image (a different digit) when θ is small, a faint
 perturbation of it when θ is large.
 
+The mechanism, as the authors' later article "A New Angle on L2 Regularization" (Tanay & Griffin 2018) shows
+it: with the objective (1/n) Σ hinge + λ||w||², weak regularisation lets the SVM fit a few noisy training
+points by tilting along directions in which the data hardly vary, so θ grows towards 90° and the adversarial
+distance d_adv = (1/n) Σ_T y d(x) = ½||j - i|| cos θ (T the training set, i, j its class centroids) shrinks,
+while the test error barely moves.
+
 Here: the paper's quantities as functions, the SVM fit exactly by scikit-learn (a no-gradient stage), a
 tiny MLP trained by the shared trainer with the same objective as a non-linear check (its minimal L2
-adversarial perturbation found by projected gradient steps), the "flat pixels" tilting construction as a
-data wrapper, and the study's summary and figures.
+adversarial perturbation found by projected gradient steps), the data (a digit pair with a seeded fraction
+of flipped training labels and optional near-constant "flat" pixels), the paper's tilting construction
+(w + t·e along a zero-variance direction e), and the study's summary and figures.
 """
 
 from __future__ import annotations
@@ -59,6 +66,28 @@ def mean_adversarial_distance(delta: Tensor, theta_deg: float) -> float:
     return 0.5 * float(delta.norm()) * math.cos(math.radians(theta_deg))
 
 
+def adversarial_distance(x: Tensor, y: Tensor, w: Tensor, b: Tensor | float) -> float:
+    """The article's d_adv = (1/n) Σ y d(x): the mean signed distance of the (training) points to the boundary,
+    y = ±1, negative for misclassified points. Equals ½||Δ|| cos θ when the classes are balanced."""
+    return float(((2 * y - 1).to(x.dtype) * (x @ w + b)).mean() / w.norm())
+
+
+def zero_variance_direction(x: Tensor) -> Tensor | None:
+    """A unit vector e along which every row of x has the same value (the normalised sum of the constant
+    coordinates): adding t·e to a boundary's normal tilts it without moving any of these points' scores but
+    by one constant. None if no coordinate is constant."""
+    constant = (x == x[:1]).all(0)
+    if not constant.any():
+        return None
+    return constant.to(x.dtype) / constant.sum().sqrt()
+
+
+def tilt(w: Tensor, b: Tensor | float, e: Tensor, t: float, x_ref: Tensor) -> tuple[Tensor, Tensor]:
+    """The paper's construction: w + t·e with the bias moved so that points like x_ref (constant along e) keep
+    their scores exactly: (w + t e)·x + b - t e·x_ref = w·x + b when e·x = e·x_ref."""
+    return w + t * e, torch.as_tensor(b, dtype=w.dtype) - t * (e @ x_ref)
+
+
 def mirror(x: Tensor, w: Tensor, b: Tensor | float) -> Tensor:
     """Reflect x through the boundary: x - 2(ŵ·x + b')ŵ with ŵ = w/||w||, b' = b/||w||. The mirror image is
     classified the other way, at the same distance from the boundary."""
@@ -69,14 +98,15 @@ def mirror(x: Tensor, w: Tensor, b: Tensor | float) -> Tensor:
 
 def fit_linear_svm(x: Tensor, y: Tensor, lam: float, input_scale: float = 1.0, tol: float = 1e-6,
                    cache_mb: float = 500) -> tuple[Tensor, Tensor]:
-    """The exact soft-margin SVM: minimise λ/2 ||v||² + Σ_i max(0, 1 - y_i (v·(s x_i) + b)), i.e. LIBSVM with
-    C = 1/λ on inputs scaled by s = input_scale (raw pixel values). Returned as (w, b) for unscaled x (w = s v).
+    """The exact soft-margin SVM in the authors' normalisation: minimise (1/n) Σ_i max(0, 1 - y_i (v·(s x_i) + b))
+    + λ ||v||² on inputs scaled by s = input_scale, i.e. LIBSVM's ½||v||² + C Σ hinge with C = 1/(2nλ).
+    Returned as (w, b) for unscaled x (w = s v).
 
     SMO (scikit-learn's SVC) solves the dual to `tol` at any λ, so θ is the problem's own angle at every one
     of the sweep's decades, not a measure of how far gradient descent got in a fixed number of steps."""
     from sklearn.svm import SVC
 
-    svm = SVC(kernel="linear", C=1.0 / lam, tol=tol, cache_size=cache_mb)
+    svm = SVC(kernel="linear", C=1.0 / (2 * len(y) * lam), tol=tol, cache_size=cache_mb)
     svm.fit(x.double().numpy() * input_scale, y.numpy())
     w = torch.from_numpy(np.array(svm.coef_[0])).to(x.dtype) * input_scale
     return w, torch.tensor(float(svm.intercept_[0]), dtype=x.dtype)
@@ -127,27 +157,40 @@ def _pgd_flips(score: Callable[[Tensor], Tensor], x: Tensor, sign: Tensor, eps: 
 # ---------------------------------------------------------------------------------------------- data
 
 
-class FlatPixels(DataModule):
-    """The paper's tilting construction as data: append `flat_pixels` near-constant pixels (value + N(0, std²)
-    noise, fixed per split by `seed`) to every image of `base`, giving the data directions of tiny variance
-    along which a boundary can tilt without changing how the data is classified. 0 pixels: `base` unchanged.
+class TiltingData(DataModule):
+    """A digit pair as the tilting experiments need it: `base` (the pair as 0/1 labels), with a fraction
+    `label_noise` of the *training* labels flipped (which, fixed per `seed`; validation and test labels stay
+    clean), and `flat_pixels` near-constant pixels (value + N(0, std²) noise, fixed per split by `seed`)
+    appended to every image: directions of tiny variance along which a boundary can tilt without changing how
+    the data is classified. 0 and 0: `base` unchanged.
     `root` is only recorded: configs pass it on to `base` (`base.root: ${dataset.root}`), so that
     `dataset.root=...` works as for every other dataset.
     """
 
     def __init__(self, base: DataModule, flat_pixels: int = 0, std: float = 0.01, value: float = 0.0,
-                 seed: int = 0, batch_size: int | None = None, eval_batch_size: int | None = None,
-                 drop_last: bool = False, root: str | None = None) -> None:
+                 label_noise: float = 0.0, seed: int = 0, batch_size: int | None = None,
+                 eval_batch_size: int | None = None, drop_last: bool = False, root: str | None = None) -> None:
+        if not 0.0 <= label_noise < 0.5:
+            raise ValueError(f"label_noise={label_noise}: expected a fraction in [0, 0.5)")
         self.root = root
         self.base, self.flat_pixels, self.std, self.value, self.seed = base, int(flat_pixels), std, value, seed
+        self.label_noise = label_noise
         self.batch_size = batch_size if batch_size is not None else base.batch_size
         self.eval_batch_size = eval_batch_size if eval_batch_size is not None else base.eval_batch_size
         self.drop_last = drop_last
         self._cache: dict[str, TensorDataset] = {}
+        self.flipped = 0
 
     def dataset(self, split: str, stage: str | None = None) -> Dataset:
         if split not in self._cache:
             x, y = split_tensors(self.base.dataset(split, stage))
+            if split == "train" and self.label_noise:
+                g = torch.Generator().manual_seed(self.seed * 7919 + 104729)
+                k = round(self.label_noise * len(y))
+                idx = torch.randperm(len(y), generator=g)[:k]
+                y = y.clone()
+                y[idx] = 1 - y[idx]
+                self.flipped = k
             if self.flat_pixels:
                 g = torch.Generator().manual_seed(self.seed * 7919 + ("train", "val", "test").index(split))
                 noise = torch.randn(len(x), self.flat_pixels, generator=g, dtype=x.dtype)
@@ -156,7 +199,9 @@ class FlatPixels(DataModule):
         return self._cache[split]
 
     def describe(self) -> dict[str, Any]:
-        return {**self.base.describe(), "flat_pixels": self.flat_pixels, "flat_std": self.std}
+        self.dataset("train")
+        return {**self.base.describe(), "flat_pixels": self.flat_pixels, "flat_std": self.std,
+                "label_noise": self.label_noise, "flipped_train_labels": self.flipped}
 
 
 def split_tensors(ds: Dataset) -> tuple[Tensor, Tensor]:
@@ -174,15 +219,18 @@ def split_tensors(ds: Dataset) -> tuple[Tensor, Tensor]:
 
 class BoundaryTilting(Task):
     """Stage `svm` (no gradient: one step that fits on the whole train split) and stage `mlp` (the shared
-    trainer fits a one-hidden-layer ReLU MLP to the same objective, λ/2 Σ||W||² + Σ hinge, on the same
+    trainer fits a one-hidden-layer ReLU MLP to the same objective, (1/n) Σ hinge + λ Σ||W||², on the same
     scaled inputs). Evaluation reports the SVM's error, θ, d_adv and normalised boundary distances, the
-    nearest-centroid classifier's error, and the MLP's error and minimal L2 adversarial distance.
+    nearest-centroid classifier's error, the tilting construction's θ and error change, and the MLP's error
+    and minimal L2 adversarial distance.
 
     Args:
-        in_features: pixels per image; extra_features: flat pixels appended by `FlatPixels`.
-        lam: the L2 regularisation λ (LIBSVM's 1/C on inputs scaled by input_scale).
-        input_scale: the factor to raw pixel values (16 for 8x8 digits, 255 for MNIST), so λ means what it
-            means on raw images.
+        in_features: pixels per image; extra_features: flat pixels appended by `TiltingData`.
+        lam: the L2 regularisation λ of (1/n) Σ hinge + λ||w||² on inputs scaled by input_scale.
+        input_scale: the factor to the [0, 1] pixel values the data arrive in, so that λ means what it means on
+            the pixel scale the authors' λ assumes.
+        tilt_factor: the construction adds t·e with t = tilt_factor x ||w|| along a zero-variance direction e
+            of the training images (θ >= arctan(tilt_factor) when w·e = 0); 0 turns it off.
         hidden: MLP width (0: no MLP stage metrics). optimizer: a partial optimizer for the MLP.
         attack_search_steps, attack_pgd_steps, attack_eps_max: the minimal-perturbation search (eps_max in
             units of ||Δ||).
@@ -190,20 +238,21 @@ class BoundaryTilting(Task):
     """
 
     def __init__(self, in_features: int, lam: float, optimizer: Callable[..., torch.optim.Optimizer],
-                 extra_features: int = 0, input_scale: float = 1.0, hidden: int = 32,
+                 extra_features: int = 0, input_scale: float = 1.0, tilt_factor: float = 10.0, hidden: int = 32,
                  attack_search_steps: int = 12, attack_pgd_steps: int = 20, attack_eps_max: float = 2.0,
                  svm_tol: float = 1e-6, mirror_examples: int = 8) -> None:
         super().__init__()
         d = int(in_features) + int(extra_features)
         self.in_features, self.extra_features = in_features, extra_features
-        self.lam, self.input_scale = lam, input_scale
+        self.lam, self.input_scale, self.tilt_factor = lam, input_scale, tilt_factor
         self._optimizer = optimizer
         self.attack = {"search_steps": attack_search_steps, "pgd_steps": attack_pgd_steps, "eps_max": attack_eps_max}
         self.svm_tol, self.mirror_examples = svm_tol, mirror_examples
         self.mlp = nn.Sequential(nn.Linear(d, max(hidden, 1)), nn.ReLU(), nn.Linear(max(hidden, 1), 1))
         self.use_mlp = hidden > 0
         for name, shape in (("w", (d,)), ("b", ()), ("delta", (d,)), ("centroid_b", ()), ("train_err", ()),
-                            ("train_in_margin", ()), ("centroid_train_err", ()), ("mlp_steps", ())):
+                            ("train_in_margin", ()), ("centroid_train_err", ()), ("d_adv", ()), ("tilt_w", (d,)),
+                            ("tilt_b", ()), ("tilted", ()), ("mlp_steps", ())):
             self.register_buffer(name, torch.zeros(shape))
         self._train: tuple[Tensor, Tensor] | None = None
 
@@ -224,12 +273,11 @@ class BoundaryTilting(Task):
         if not self.use_mlp:
             return
         x, y = batch
-        n = len(self._train[1])
-        hinge = (1 - (2 * y - 1) * self.mlp_score(x)).clamp_min(0).sum() * (n / len(y))
+        hinge = (1 - (2 * y - 1) * self.mlp_score(x)).clamp_min(0).mean()
         l2 = sum((m.weight**2).sum() for m in self.mlp if isinstance(m, nn.Linear))
-        self.log("hinge", hinge / n)
+        self.log("hinge", hinge)
         self.mlp_steps += 1
-        yield "mlp", self.lam / 2 * l2 + hinge
+        yield "mlp", hinge + self.lam * l2
 
     @torch.no_grad()
     def fit_svm(self) -> None:
@@ -245,6 +293,13 @@ class BoundaryTilting(Task):
         # f is also the scaled problem's functional margin: (w/s)·(s x) + b
         self.train_in_margin.fill_(float(((2 * y - 1) * f < 1 - 1e-6).float().mean()))
         self.centroid_train_err.fill_(float((((x @ delta + cb) > 0).long() != y).float().mean()))
+        self.d_adv.fill_(adversarial_distance(x, y, self.w, self.b))
+        e = zero_variance_direction(x.cpu()) if self.tilt_factor else None
+        if e is not None:
+            tw, tb = tilt(self.w, self.b, e.to(x.dtype), self.tilt_factor * float(self.w.norm()), x[0])
+            self.tilt_w.copy_(tw)
+            self.tilt_b.fill_(float(tb))
+            self.tilted.fill_(1.0)
 
     def mlp_score(self, x: Tensor) -> Tensor:
         return self.mlp(x * self.input_scale).squeeze(-1)
@@ -260,14 +315,17 @@ class BoundaryTilting(Task):
         scale = float(delta.norm())
         out = {
             "err": 1 - float(correct.float().mean()), "train_err": float(self.train_err),
-            "train_in_margin": float(self.train_in_margin), "theta": theta,
-            "d_adv": mean_adversarial_distance(delta, theta),
-                "centroid_err": float((((x @ delta + self.centroid_b) > 0).long() != y).float().mean()),
+            "train_in_margin": float(self.train_in_margin), "theta": theta, "d_adv": float(self.d_adv),
+            "centroid_err": float((((x @ delta + self.centroid_b) > 0).long() != y).float().mean()),
             "centroid_train_err": float(self.centroid_train_err), "delta_norm": scale, "lam": float(self.lam),
             "flat_pixels": float(self.extra_features),
         }
         if correct.any():
             out["dist_norm"] = float(boundary_distance(x[correct], w, b).median()) / scale
+        if bool(self.tilted):
+            tilted_correct = ((x @ self.tilt_w + self.tilt_b) > 0).long() == y
+            out["tilt_theta"] = deviation_angle(self.tilt_w, delta)
+            out["tilt_err_change"] = abs(float(tilted_correct.float().mean()) - float(correct.float().mean()))
         if self.use_mlp and int(self.mlp_steps) > 0:
             ok = (self.mlp_score(x) > 0).long() == y
             out["mlp_err"] = 1 - float(ok.float().mean())
@@ -318,9 +376,10 @@ def degenerate(row: dict[str, float], gap: float) -> bool:
 
 
 def summarize(study: dict, degenerate_gap: float = 0.1) -> dict[str, float]:
-    """The sweep-level numbers the claims check, from per-λ medians over seeds (non-degenerate λ only):
-    Spearman ρ between log(1/λ) and θ; θ at the strongest and the weakest λ; the normalised distance's ratio
-    between them; the test-error range; and, with flat pixels, θ and the test-error gap at the weakest λ."""
+    """The sweep-level numbers the claims check, from per-λ medians over the runs given (called once per seed,
+    these are that seed's values; non-degenerate λ only): Spearman ρ between log(1/λ) and θ; θ at the strongest
+    and the weakest λ; the normalised distance's and d_adv's ratios between them; the test-error range; the
+    tilting construction at the strongest λ; and, with flat pixels, θ and the test-error gap at the weakest λ."""
     from scipy.stats import spearmanr
 
     base, flat = _per_lambda(study, False), _per_lambda(study, True)
@@ -329,9 +388,7 @@ def summarize(study: dict, degenerate_gap: float = 0.1) -> dict[str, float]:
     if len(lams) < 2:
         return out
     strong, weak = max(lams), min(lams)
-    # θ to 0.1°: the solver's tolerance makes smaller differences noise, which would otherwise rank the
-    # hard-margin plateau (every λ below the last margin violation gives the same SVM) at random
-    thetas = [round(base[lam]["theta"], 1) for lam in lams]
+    thetas = [base[lam]["theta"] for lam in lams]
     errs = [base[lam]["err"] for lam in lams]
     rho = spearmanr([-math.log10(lam) for lam in lams], thetas).statistic
     out.update({
@@ -342,6 +399,9 @@ def summarize(study: dict, degenerate_gap: float = 0.1) -> dict[str, float]:
         "d_adv_ratio": base[strong]["d_adv"] / base[weak]["d_adv"],
         "err_range": max(errs) - min(errs), "err_strong": base[strong]["err"], "err_weak": base[weak]["err"],
     })
+    if "tilt_theta" in base[strong]:
+        out.update({"theta_tilt_strong": base[strong]["tilt_theta"],
+                    "err_change_tilt_strong": base[strong]["tilt_err_change"]})
     degen = [lam for lam in base if lam not in lams]
     if degen:
         out["lam_degenerate_min"] = min(degen)
@@ -361,14 +421,30 @@ def summarize(study: dict, degenerate_gap: float = 0.1) -> dict[str, float]:
     return out
 
 
+def _per_lambda_seeds(study: dict, flat: bool, key: str) -> dict[float, list[float]]:
+    """λ -> the metric's value in each completed run (one per seed), for the runs with or without flat pixels."""
+    out: dict[float, list[float]] = {}
+    for r in study["runs"]:
+        m = r.get("metrics") or {}
+        if r.get("status") != "completed" or "test/lam" not in m or (m.get("test/flat_pixels", 0) > 0) != flat:
+            continue
+        if key == "d_adv_over":
+            value = m.get("test/d_adv", math.nan) / m.get("test/delta_norm", math.nan)
+        else:
+            value = m.get(f"test/{key}", math.nan)
+        out.setdefault(float(m["test/lam"]), []).append(float(value))
+    return dict(sorted(out.items()))
+
+
 def study_figure(study: dict, out_dir: Path, degenerate_gap: float = 0.1) -> list[Path]:
-    """θ, normalised distances and test error against λ; mirror images at strong and weak regularisation."""
+    """θ, normalised distances and test error against λ (lines: the median over seeds; dots: each seed);
+    mirror images at strong and weak regularisation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base, flat = _per_lambda(study, False), _per_lambda(study, True)
+    base = _per_lambda(study, False)
     if not base:
         return []
     out_dir = Path(out_dir)
@@ -377,29 +453,35 @@ def study_figure(study: dict, out_dir: Path, degenerate_gap: float = 0.1) -> lis
     degen = [lam for lam in lams if degenerate(base[lam], degenerate_gap)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = [
-        ("deviation angle θ (degrees)", [("SVM", base, "theta"), ("SVM + flat pixels", flat, "theta")]),
-        ("distance to boundary / ||Δ||", [("SVM: median, correct test points", base, "dist_norm"),
-                                           ("SVM: d_adv / ||Δ|| = ½ cos θ", base, "d_adv_over"),
-                                           ("SVM + flat pixels: median", flat, "dist_norm"),
-                                           ("MLP: minimal L2 attack, median", base, "mlp_dist_norm")]),
-        ("test error", [("SVM", base, "err"), ("SVM + flat pixels", flat, "err"), ("MLP", base, "mlp_err"),
-                        ("nearest centroid", base, "centroid_err")]),
+        ("deviation angle θ (degrees)", [("SVM", False, "theta"), ("SVM + flat pixels", True, "theta")]),
+        ("distance to boundary / ||Δ||", [("SVM: median distance, correct test points", False, "dist_norm"),
+                                           ("SVM: d_adv / ||Δ|| (training set)", False, "d_adv_over"),
+                                           ("SVM + flat pixels: median distance", True, "dist_norm"),
+                                           ("MLP: minimal L2 attack, median", False, "mlp_dist_norm")]),
+        ("test error", [("SVM", False, "err"), ("SVM + flat pixels", True, "err"), ("MLP", False, "mlp_err"),
+                        ("nearest centroid", False, "centroid_err")]),
     ]
     for ax, (title, series) in zip(axes, panels):
-        for label, table, key in series:
-            xs = [lam for lam in table if key in table[lam] or key == "d_adv_over"]
-            if not xs:
+        top = 0.0
+        for k, (label, flat, key) in enumerate(series):
+            per = {lam: [v for v in vs if math.isfinite(v)] for lam, vs in _per_lambda_seeds(study, flat, key).items()}
+            per = {lam: vs for lam, vs in per.items() if vs}
+            if not per:
                 continue
-            if key == "d_adv_over":
-                ys = [table[lam]["d_adv"] / table[lam]["delta_norm"] for lam in xs]
-            else:
-                ys = [table[lam][key] for lam in xs]
-            ax.plot(xs, ys, marker="o", label=label)
+            xs = list(per)
+            line = ax.plot(xs, [float(np.median(per[lam])) for lam in xs], label=label, ls="--" if flat else "-")[0]
+            jitter = 1.06 ** (k - len(series) / 2)
+            for lam in xs:
+                ax.plot([lam * jitter] * len(per[lam]), per[lam], "o", ms=3, alpha=0.35, color=line.get_color())
+            if not key.startswith("mlp"):  # a collapsed MLP's distances sit at the attack's cap
+                top = max([top] + [max(per[lam]) for lam in xs if lam not in degen])
         if degen:
-            ax.axvspan(min(degen) / 3, max(degen) * 3, color="grey", alpha=0.2, label="degenerate λ")
+            ax.axvspan(min(degen) / 10**0.25, max(degen) * 10**0.25, color="grey", alpha=0.2, label="degenerate λ")
+        if title.startswith("distance") and top > 0:
+            ax.set_ylim(0, 1.15 * top)  # the degenerate λ's distances (and a collapsed MLP's) run off the scale
         ax.set_xscale("log")
         ax.set_xlabel("λ (weaker regularisation to the left)")
-        ax.set_title(title)
+        ax.set_title(f"{title}\nlines: median of seeds; dots: seeds", fontsize=10)
         ax.legend(fontsize=7)
     fig.tight_layout()
     curves = out_dir / "tilting_vs_lambda.png"

@@ -7,9 +7,16 @@ D's trunk, predicts c from an image. The variational lower bound
 
 is maximised by Q and, with weight λ, by G. As in the authors' code, Q's head lives with D (the shared trunk
 and both heads are D's variables, stepped by D's optimizer at D's learning rate) and L_I enters both D's and
-G's losses; the trainer steps D first, then resumes the step for G. λ = 0 is the paper's control (its
-Figure 1): Q is still fit to G's images, but G is not asked to use c, so the bound shows how much of c
-survives in a plain GAN's images.
+G's losses; the trainer steps D first, then resumes the step for G, which draws fresh codes (the authors' second
+`sess.run` samples the prior again). λ = 0 is the paper's control (its Figure 1): Q is still fit to G's images,
+but G is not asked to use c, so the bound shows how much of c survives in a plain GAN's images.
+
+Q is trained on generated images only, so its batch-norm statistics are those of fake images. Where Q's
+categorical code is scored as a classifier of *real* digits, the batch norms of the trunk and Q's head use
+statistics re-estimated on the real training digits (one pass, a cumulative average, on a copy: training is
+untouched); L_I on generated images keeps the trained statistics. k-means (10 clusters) on the trunk's features
+of the real digits is scored the same way, as the reference for what a categorical code that ignores the digits
+can reach by clustering D's features (`kmeans_accuracy`), beside k-means on raw pixels.
 
 `matched_accuracy` comes first and needs only numpy and scipy when called, so torch-free code (the report)
 can reuse it.
@@ -60,6 +67,7 @@ def matched_accuracy(pred: Any, labels: Any) -> float:
 
 # ---------------------------------------------------------------------------------------------- torch part
 
+import copy  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
@@ -194,6 +202,16 @@ class InfoGAN(Task):
         fix_std: Q's Gaussians have standard deviation 1 (the authors' MNIST run), else Q predicts it.
         q_hidden: width of Q's own FC-BN-lReLU layer before its output.
         eval_samples: generated images on which evaluation measures L_I (fixed codes, `eval_seed`).
+        score_splits: the splits whose real digits the final test evaluation scores together (e.g. [val, test]: no
+            model selection uses val here, and more digits make a per-seed accuracy less noisy); None: the test
+            split alone. Periodic val evaluations score the val split.
+        bn_stats: "real" (re-estimate the batch-norm statistics of the trunk and Q's head on the real training
+            digits before scoring real digits) or "trained" (the statistics accumulated in training, fake images
+            for Q's head).
+        kmeans: also report k-means (10 clusters, fitted on the training digits) on the trunk's features and on
+            raw pixels, scored by the same matched accuracy.
+        g_codes: "fresh" (G's step samples new noise and codes, as the authors' loop) or "reuse" (G's step
+            reuses the D step's, the project's earlier behaviour, kept as a variant).
         traversal: the continuous codes' range in the traversal figure (the paper shows -2..2).
     """
 
@@ -202,10 +220,18 @@ class InfoGAN(Task):
                  noise_dim: int = 62, categories: int = 10, continuous: int = 2, noise: str = "uniform",
                  mi_weight: float = 1.0, q_weight: float = 1.0, cont_weight: float = 1.0, fix_std: bool = True,
                  q_hidden: int = 128, leak: float = 0.1, eval_samples: int = 1000, eval_seed: int = 1234,
-                 traversal: float = 2.0, traversal_steps: int = 9) -> None:
+                 score_splits: list[str] | None = None, bn_stats: str = "real", kmeans: bool = True,
+                 g_codes: str = "fresh", traversal: float = 2.0, traversal_steps: int = 9) -> None:
         super().__init__()
         if noise not in ("uniform", "normal"):
             raise ValueError(f"noise={noise!r}: expected 'uniform' or 'normal'")
+        if bn_stats not in ("real", "trained"):
+            raise ValueError(f"bn_stats={bn_stats!r}: expected 'real' or 'trained'")
+        self.score_splits = list(score_splits) if score_splits else None
+        if g_codes not in ("fresh", "reuse"):
+            raise ValueError(f"g_codes={g_codes!r}: expected 'fresh' or 'reuse'")
+        self.bn_stats, self.kmeans, self.g_codes = bn_stats, kmeans, g_codes
+        self._data: Any = None
         self.noise_dim, self.categories, self.continuous, self.noise = noise_dim, categories, continuous, noise
         self.mi_weight, self.q_weight, self.cont_weight = float(mi_weight), float(q_weight), float(cont_weight)
         self.fix_std = fix_std
@@ -275,7 +301,11 @@ class InfoGAN(Task):
             self.log("mi_cont", li_cont)
         yield "discriminator", d_adv - self.q_weight * (li_cat + self.cont_weight * li_cont)
 
-        # D (trunk and heads) has just been stepped; G is judged by the updated D, as in the authors' loop.
+        # D (trunk and heads) has just been stepped; G is judged by the updated D on fresh codes, as in the
+        # authors' loop (its generator step is a second sess.run, which samples the prior again).
+        if self.g_codes == "fresh":
+            z, cat, cont = self.sample_codes(len(x))
+            fake = self.generate(z, cat, cont)
         features = self.trunk(fake)
         logit = self.d_head(features)
         g_adv = F.binary_cross_entropy_with_logits(logit, torch.ones_like(logit))
@@ -283,29 +313,116 @@ class InfoGAN(Task):
         yield "generator", g_adv - self.mi_weight * (g_cat + self.cont_weight * g_cont)
 
     # ------------------------------------------------------------------ evaluation
+    def on_stage_start(self, stage: str, data: Any) -> None:
+        super().on_stage_start(stage, data)
+        self._data = data
+
+    def _split(self, name: str) -> Any:
+        try:
+            return self._data.dataset(name) if self._data is not None else None
+        except KeyError:
+            return None
+
+    @torch.no_grad()
+    def real_encoder(self) -> nn.Module:
+        """trunk -> Q's head as used on real digits: with `bn_stats="real"`, a copy whose batch norms hold the
+        statistics of the real training digits; else the trained modules themselves. One pass per batch norm, in
+        forward order, with the layers before it already in eval mode, so each holds the cumulative average of
+        exactly the input it will see at evaluation."""
+        encoder = nn.Sequential(self.trunk, self.q_head)
+        train = self._split("train")
+        if self.bn_stats == "trained" or train is None:
+            return encoder
+        encoder = copy.deepcopy(encoder)
+        norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return encoder
+        encoder.eval()
+        device = self._device()
+        loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=False, drop_last=True)
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average
+            m.train()
+            for x, _ in loader:
+                encoder(x.to(device))
+            m.eval()
+        return encoder
+
+    @torch.no_grad()
+    def _features(self, module: nn.Module, dataset: Any) -> tuple[np.ndarray, np.ndarray]:
+        out, labels = [], []
+        device = self._device()
+        for x, y in torch.utils.data.DataLoader(dataset, batch_size=512, shuffle=False):
+            out.append(module(x.to(device)).cpu())
+            labels.append(np.asarray(y))
+        return torch.cat(out).numpy(), np.concatenate(labels)
+
     @torch.no_grad()
     def predict(self, loader: Any) -> tuple[np.ndarray, np.ndarray]:
         """Q's categorical argmax on real images, and their labels."""
         preds, labels = [], []
         device = self._device()
+        was_training = self.training
+        self.eval()
+        encoder = self.real_encoder()
         for x, y in loader:
-            logits, _, _ = self.q(self.trunk(x.to(device)))
+            logits = encoder(x.to(device))[:, : self.categories]
             preds.append(logits.argmax(1).cpu().numpy())
             labels.append(np.asarray(y))
+        self.train(was_training)
         if not preds:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         return np.concatenate(preds), np.concatenate(labels)
 
+    def _scored(self, loader: Any, split: str) -> Any:
+        """What the split's real digits are scored on: the loader, or for the final test the union of
+        `score_splits`."""
+        if split != "test" or not self.score_splits:
+            return loader
+        parts = [self._split(name) for name in self.score_splits]
+        if any(p is None for p in parts):
+            return loader
+        return torch.utils.data.DataLoader(torch.utils.data.ConcatDataset(parts), batch_size=512, shuffle=False)
+
+    @torch.no_grad()
+    def kmeans_accuracies(self, scored: Any) -> dict[str, float]:
+        """Matched accuracy of k-means (k = categories, fitted on the real training digits) on the trunk's
+        features and on raw pixels of the scored digits."""
+        from sklearn.cluster import KMeans
+
+        train = self._split("train")
+        if train is None:
+            return {}
+        scored_ds = scored.dataset if isinstance(scored, torch.utils.data.DataLoader) else None
+        if scored_ds is None:
+            return {}
+        was_training = self.training
+        self.eval()
+        trunk = self.real_encoder()[0]
+        out = {}
+        for name, module in (("kmeans_accuracy", trunk), ("pixel_kmeans_accuracy", nn.Flatten())):
+            f_train, _ = self._features(module, train)
+            f_eval, y_eval = self._features(module, scored_ds)
+            km = KMeans(n_clusters=self.categories, n_init=10, random_state=self.eval_seed).fit(f_train)
+            out[name] = matched_accuracy(km.predict(f_eval), y_eval)
+        self.train(was_training)
+        return out
+
     @torch.no_grad()
     def evaluate(self, loader: Any, split: str) -> dict[str, float]:
-        preds, labels = self.predict(loader)
+        scored = self._scored(loader, split)
+        preds, labels = self.predict(scored)
         # L_I on the same generated images at every evaluation and in every run: a fixed set of codes.
         z, cat, cont = (t.to(self._device()) for t in self.sample_codes(
             self.eval_samples, torch.Generator().manual_seed(self.eval_seed)))
         li_cat, li_cont = self.bounds(self.trunk(self.generate(z, cat, cont)), cat, cont)
-        out = {"accuracy": matched_accuracy(preds, labels), "mi_lower_bound": float(li_cat)}
+        out = {"accuracy": matched_accuracy(preds, labels), "mi_lower_bound": float(li_cat),
+               "scored_digits": float(len(labels))}
         if self.continuous:
             out["mi_cont"] = float(li_cont)
+        if self.kmeans and split == "test":
+            out.update(self.kmeans_accuracies(scored))
         return out
 
     # ------------------------------------------------------------------ figures
@@ -397,7 +514,8 @@ def _categories(run_dir: Path, default: int = 10) -> int:
 
 def study_figure(study: dict, out_dir: Path) -> list[Path]:
     """The paper's Figure 1 (L_I over training, InfoGAN against the λ=0 control, every seed) beside each run's
-    final matched accuracy on the test digits."""
+    final matched accuracy on the scored real digits (each seed a dot, the median a line), with k-means on each
+    run's trunk features (open squares) and on pixels (dotted) as references."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -423,14 +541,24 @@ def study_figure(study: dict, out_dir: Path) -> list[Path]:
     for i, label in enumerate(labels):
         accs = [float(r["metrics"]["test/accuracy"]) for r in runs
                 if r["label"] == label and "test/accuracy" in r["metrics"]]
-        bx.scatter([i] * len(accs), accs, color=colors[label])
+        bx.scatter([i] * len(accs), accs, color=colors[label], label="Q's categorical code" if i == 0 else None)
         if accs:
             bx.hlines(float(np.median(accs)), i - 0.25, i + 0.25, color=colors[label])
+        km = [float(r["metrics"]["test/kmeans_accuracy"]) for r in runs
+              if r["label"] == label and "test/kmeans_accuracy" in r["metrics"]]
+        bx.scatter([i + 0.15] * len(km), km, facecolors="none", edgecolors=colors[label], marker="s", s=18,
+                   label="k-means on D's trunk features" if i == 0 else None)
+    pixel = [float(r["metrics"]["test/pixel_kmeans_accuracy"]) for r in runs
+             if "test/pixel_kmeans_accuracy" in r["metrics"]]
+    if pixel:
+        bx.axhline(pixel[0], color="gray", ls=":", lw=1, label="k-means on pixels")
+    scored = [int(r["metrics"]["test/scored_digits"]) for r in runs if "test/scored_digits" in r["metrics"]]
     bx.set_xticks(range(len(labels)), labels)
     bx.set_xlim(-0.6, len(labels) - 0.4)
     bx.set_ylim(0, 1)
-    bx.set_ylabel("matched accuracy (test digits)")
-    bx.set_title("Categorical code as a classifier")
+    bx.set_ylabel(f"matched accuracy ({scored[0] if scored else 'test'} real digits)")
+    bx.set_title("Categorical code as a classifier\n(dots: seeds, line: median)", fontsize=9)
+    bx.legend(fontsize=6, loc="lower left")
     fig.tight_layout()
     path = out_dir / "mi_lower_bound.png"
     fig.savefig(path, dpi=120)

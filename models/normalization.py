@@ -31,11 +31,19 @@ class BatchNorm(nn.Module):
     moving average (momentum as torch's: new = (1 - m) old + m batch, the variance unbiased); evaluation uses
     the population estimates, so a sample's output no longer depends on the rest of its batch.
     Parameter and buffer names match torch's BatchNorm, so state dicts are interchangeable.
+
+    `ghost_batch=N` normalizes each consecutive chunk of N samples with its own statistics (ghost batches):
+    one process then stands for several data-parallel workers whose BN sees only its own N images, as in the
+    GN paper's 8-GPU protocol, while the gradient is the whole batch's. The population estimates follow the
+    first chunk only (rank 0's, whose buffers data-parallel training keeps).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
+                 ghost_batch: int | None = None) -> None:
         super().__init__()
-        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        if ghost_batch is not None and ghost_batch < 1:
+            raise ValueError(f"BatchNorm: ghost_batch must be at least 1, got {ghost_batch}")
+        self.num_features, self.eps, self.momentum, self.ghost_batch = num_features, eps, momentum, ghost_batch
         self.weight = nn.Parameter(torch.ones(num_features))  # gamma
         self.bias = nn.Parameter(torch.zeros(num_features))  # beta
         self.register_buffer("running_mean", torch.zeros(num_features))
@@ -45,25 +53,31 @@ class BatchNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"BatchNorm({self.num_features}) got input of shape {tuple(x.shape)}")
-        dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
-        if self.training:
-            n = x.numel() // self.num_features
-            if n < 2:
-                raise ValueError(f"BatchNorm needs more than one value per channel in training, got {tuple(x.shape)}")
-            var, mean = torch.var_mean(x, dims, correction=0)
-            with torch.no_grad():
-                m = self.momentum
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
-                self.num_batches_tracked += 1
-        else:
-            mean, var = self.running_mean, self.running_var
-        x_hat = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
+        if not self.training:
+            x_hat = (x - self.running_mean.reshape(shape)) * torch.rsqrt(self.running_var.reshape(shape) + self.eps)
+            return torch.addcmul(self.bias.reshape(shape), x_hat, self.weight.reshape(shape))
+        chunk = self.ghost_batch or x.shape[0]
+        if x.shape[0] % chunk:
+            raise ValueError(f"BatchNorm(ghost_batch={chunk}) got a batch of {x.shape[0]}, not a multiple of {chunk}")
+        g = x.reshape(x.shape[0] // chunk, chunk, *x.shape[1:])  # (chunks, samples per chunk, C, *)
+        dims = [1, *range(3, g.dim())]
+        n = g[0].numel() // self.num_features
+        if n < 2:
+            raise ValueError(f"BatchNorm needs more than one value per channel in training, got {tuple(x.shape)}"
+                             + (f" in chunks of {chunk}" if self.ghost_batch else ""))
+        var, mean = torch.var_mean(g, dims, correction=0, keepdim=True)  # (chunks, 1, C, 1, ...)
+        with torch.no_grad():
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean[0].reshape(-1), alpha=m)
+            self.running_var.mul_(1 - m).add_(var[0].reshape(-1) * (n / (n - 1)), alpha=m)
+            self.num_batches_tracked += 1
+        x_hat = ((g - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
         return torch.addcmul(self.bias.reshape(shape), x_hat, self.weight.reshape(shape))
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+        ghost = f", ghost_batch={self.ghost_batch}" if self.ghost_batch else ""
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}{ghost}"
 
 
 class GroupNorm(nn.Module):
@@ -97,10 +111,11 @@ class GroupNorm(nn.Module):
 NORMS = ("bn", "gn", "ln", "in", "none")
 
 
-def make_norm(kind: str, channels: int, groups: int = 32) -> nn.Module:
-    """The one place a network's normalization is chosen: bn, gn (`groups` groups), ln, in or none."""
+def make_norm(kind: str, channels: int, groups: int = 32, ghost_batch: int | None = None) -> nn.Module:
+    """The one place a network's normalization is chosen: bn (over chunks of `ghost_batch` samples if set),
+    gn (`groups` groups), ln, in or none."""
     if kind == "bn":
-        return BatchNorm(channels)
+        return BatchNorm(channels, ghost_batch=ghost_batch)
     if kind == "gn":
         return GroupNorm(groups, channels)
     if kind == "ln":
@@ -173,14 +188,17 @@ class ResBlock(nn.Module):
 class DigitsResNet(nn.Module):
     """A small residual CNN for 8x8 digits: a conv-norm-ReLU stem, one residual block per stage (`strides`
     sets each stage's stride), global average pooling and a linear classifier. `norm` is bn, gn, ln, in or
-    none; every layer has the same width by default so the group ablation can run G = 1 ... 32."""
+    none; every layer has the same width by default so the group ablation can run G = 1 ... 32. `ghost_batch`
+    makes BN normalize each chunk of that many samples on its own (one simulated worker's batch); `stem_stride`
+    2 halves larger inputs (16x16 scenes) before the blocks."""
 
     def __init__(self, norm: str = "gn", groups: int = 8, widths: tuple[int, ...] = (32, 32),
                  strides: tuple[int, ...] = (2, 1), num_classes: int = 10, in_channels: int = 1,
-                 zero_init_last: bool = True) -> None:
+                 zero_init_last: bool = True, ghost_batch: int | None = None, stem_stride: int = 1) -> None:
         super().__init__()
-        make = functools.partial(make_norm, norm, groups=groups)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), make(widths[0]), nn.ReLU())
+        make = functools.partial(make_norm, norm, groups=groups, ghost_batch=ghost_batch)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=False), make(widths[0]),
+                                  nn.ReLU())
         layers: list[nn.Module] = []
         c = widths[0]
         for w, s in zip(widths, strides, strict=True):
@@ -310,17 +328,29 @@ class NormClassifier(Classifier):
     """The shared `Classifier` plus what the normalization papers measure and need.
 
     Args:
-        decay_norm: apply the optimizer's weight decay to norm gamma/beta (the GN paper does not).
+        decay_norm: apply the optimizer's weight decay to norm gamma/beta too (the GN paper decays all weight
+            layers, gamma and beta included, §4.1); false puts them in a group without decay.
         probe_unit: track one unit of the network's last `sigmoid_inputs` layer on a fixed probe batch (the
             first `probe_size` evaluation samples) and report its 15th/50th/85th percentiles (BN Figure 1).
+        median_last: also report `acc_last<k>`, the median accuracy of a split's last k evaluations (the GN
+            paper reports the median error of the final 5 epochs); 0 turns it off.
     """
 
     def __init__(self, net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], label_smoothing: float = 0.0,
                  decay_norm: bool = True, probe_unit: int | None = None, probe_size: int = 60,
-                 percentiles: tuple[int, ...] = (15, 50, 85), topk: tuple[int, ...] = (1,)) -> None:
+                 percentiles: tuple[int, ...] = (15, 50, 85), topk: tuple[int, ...] = (1,),
+                 median_last: int = 0) -> None:
         super().__init__(net, optimizer, label_smoothing)
         self.decay_norm, self.probe_unit, self.probe_size = decay_norm, probe_unit, probe_size
         self.percentiles, self.topk = tuple(percentiles), tuple(topk)
+        self.median_last = int(median_last)
+        self.eval_history: dict[str, list[float]] = {}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"eval_history": {k: list(v) for k, v in self.eval_history.items()}}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.eval_history = {k: [float(x) for x in v] for k, v in state.get("eval_history", {}).items()}
 
     def param_groups(self) -> list[dict[str, Any]]:
         norm_params = {id(p) for m in self.net.modules() if is_norm(m) for p in m.parameters(recurse=False)}
@@ -350,6 +380,11 @@ class NormClassifier(Classifier):
             total += len(y)
         out = {"acc" if k == 1 else f"top{k}": correct[k] / total for k in self.topk}
         out["loss"] = loss / total
+        if self.median_last:
+            history = self.eval_history.setdefault(split, [])
+            history.append(out["acc"])
+            if len(history) >= self.median_last:
+                out[f"acc_last{self.median_last}"] = statistics.median(history[-self.median_last:])
         if probe:
             _, inputs = self.net.sigmoid_inputs(torch.cat(probe))
             unit = inputs[-1][:, self.probe_unit].float()
@@ -461,19 +496,22 @@ def _label_parts(label: str) -> tuple[str, int] | None:
     return norm, int(rest[1:])
 
 
-def gn_summarize(study: dict, metric: str = "test/acc") -> dict[str, float]:
-    """Error (1 - accuracy, in points) per label, median over seeds: the numbers behind the figure/table."""
+def gn_summarize(study: dict, metric: str = "val/acc_last5", test_metric: str | None = "test/acc") -> dict[str, float]:
+    """Error (100 x (1 - accuracy), in points) per label, the median over the runs given (called per seed, that
+    is the seed's value): `<label>/error` from `metric` (the paper's median of the last 5 evaluations) and
+    `<label>/test_error` from `test_metric` (the final model on the test split)."""
     out = {}
     for label, runs in _by_label(study).items():
-        values = [float(r["metrics"][metric]) for r in runs if metric in r["metrics"]]
-        if values:
-            out[f"{label}/error"] = 100 * (1 - statistics.median(values))
+        for name, m in (("error", metric), ("test_error", test_metric)):
+            values = [float(r["metrics"][m]) for r in runs if m and m in r["metrics"]]
+            if values:
+                out[f"{label}/{name}"] = 100 * (1 - statistics.median(values))
     return out
 
 
-def gn_figure(study: dict, out_dir: Path, metric: str = "test/acc") -> list[Path]:
+def gn_figure(study: dict, out_dir: Path, metric: str = "val/acc_last5") -> list[Path]:
     """The GN paper's Figure 1 (error against images per batch, one line per norm) for labels `<norm>_b<N>`,
-    or a bar chart of error against G for labels `gn_g<G>` (the group ablation)."""
+    or error against G for labels `gn_g<G>` (the group ablation): each seed a dot, the line the seeds' median."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -491,21 +529,32 @@ def gn_figure(study: dict, out_dir: Path, metric: str = "test/acc") -> list[Path
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     ablation = all(label.startswith("gn_g") for label in _by_label(study))
+    what = "median of the last 5 evaluations" if "last" in metric else metric
     if ablation:
         gs = sorted(series.get("gn", {}))
-        med = [statistics.median(series["gn"][g]) for g in gs]
-        ax.bar([str(g) for g in gs], med, color="tab:red")
-        ax.set(xlabel="groups G (32 channels)", ylabel="test error (%)", title="GN: number of groups, batch 32")
+        xs = range(len(gs))
+        ax.plot(xs, [statistics.median(series["gn"][g]) for g in gs], "-", color="tab:red", label="median of seeds")
+        for x, g in zip(xs, gs):
+            ax.plot([x] * len(series["gn"][g]), series["gn"][g], "o", color="tab:red", alpha=0.4, ms=4)
+        ax.set_xticks(list(xs), [str(g) for g in gs])
+        ax.set(xlabel="groups G", ylabel="error (%)", title=f"GN: number of groups\n({what}; dots: seeds)")
+        ax.legend()
         name = "gn_groups.png"
     else:
-        for norm in sorted(series):
-            sizes = sorted(series[norm], reverse=True)
-            med = [statistics.median(series[norm][n]) for n in sizes]
-            lo = [med[i] - min(series[norm][n]) for i, n in enumerate(sizes)]
-            hi = [max(series[norm][n]) - med[i] for i, n in enumerate(sizes)]
-            ax.errorbar([str(n) for n in sizes], med, yerr=[lo, hi], marker="o", capsize=3, label=norm.upper())
-        ax.set(xlabel="images per batch", ylabel="test error (%)", title="error vs batch size (median, min-max)")
-        ax.legend()
+        sizes = sorted({n for per in series.values() for n in per}, reverse=True)
+        pos = {n: i for i, n in enumerate(sizes)}
+        for k, norm in enumerate(sorted(series)):
+            ns = sorted(series[norm], reverse=True)
+            line = ax.plot([pos[n] for n in ns], [statistics.median(series[norm][n]) for n in ns], "-",
+                           marker="s" if len(ns) == 1 else None, label=f"{norm.upper()} (median)")[0]
+            for n in ns:
+                jitter = (k - len(series) / 2) * 0.04
+                ax.plot([pos[n] + jitter] * len(series[norm][n]), series[norm][n], "o", color=line.get_color(),
+                        alpha=0.4, ms=4)
+        ax.set_xticks(range(len(sizes)), [str(n) for n in sizes])
+        ax.set(xlabel="images per worker (BN's batch); SGD batch 8x", ylabel="error (%)",
+               title=f"error vs batch ({what}; dots: seeds)")
+        ax.legend(fontsize=8)
         name = "gn_figure1.png"
     fig.tight_layout()
     path = out_dir / name

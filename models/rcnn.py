@@ -6,14 +6,17 @@ stage this task knows):
 
 - `proposals`: selective search (fast mode) on every image of every split, cached; recall at IoU 0.5 logged.
 - `pretrain`: supervised classification of isolated digits (the paper's ImageNet pretraining, in miniature).
-- `svm_pixels` / `svm_pretrained` / `svm_finetuned`: per-class linear SVMs with hard-negative mining on one
-  kind of window feature (raw warped pixels, fc7 of a frozen copy of the pretrained CNN, fc7 of the fine-tuned
-  CNN). A step that yields nothing: the fit is closed over the whole train split.
+- `svm_pixels` / `svm_hog` / `svm_pretrained` / `svm_finetuned`: per-class linear SVMs with hard-negative mining
+  on one kind of window feature (raw warped pixels; HOG of the warped window, scikit-image's `hog`, the pre-CNN
+  features of DPM's era; fc7 of a frozen copy of the pretrained CNN; fc7 of the fine-tuned CNN). A step that
+  yields nothing: the fit is closed over the whole train split.
 - `finetune`: SGD on warped proposals, (N+1)-way with background, 25% positives (IoU >= 0.5) per mini-batch.
 - `bbox`: class-specific ridge regression from pool5 to box offsets, on proposals with IoU > 0.6.
 
-Evaluation reports mAP (percent) for every variant fitted so far: a = pixels + SVM, b = frozen pretrained
-CNN + SVM, c = fine-tuned CNN + SVM, d = c + box regression; plus per-class AP and proposal recall.
+Evaluation reports mAP (percent) for every variant fitted so far: a = pixels + SVM, hog = HOG + SVM, b = frozen
+pretrained CNN + SVM, c = fine-tuned CNN + SVM, d = c + box regression; at each IoU threshold of `ap_ious` (the
+first, VOC's 0.5, as `mAP_<v>`, the others as `mAP<100 x iou>_<v>`, e.g. `mAP70_d`, where a loose box no longer
+counts and box regression matters); plus per-class AP, proposal recall and the number of scored images.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ from mlrun.task import Task
 
 log = logging.getLogger("mlrun")
 
-FEATURES = ("pixels", "pretrained", "finetuned")
-VARIANT = {"pixels": "a", "pretrained": "b", "finetuned": "c", "bbox": "d"}
+FEATURES = ("pixels", "hog", "pretrained", "finetuned")
+VARIANT = {"pixels": "a", "hog": "hog", "pretrained": "b", "finetuned": "c", "bbox": "d"}
+VARIANTS = ("a", "hog", "b", "c", "d")  # the order of tables and figures
 
 
 # ---------------------------------------------------------------------------------------------- boxes
@@ -109,6 +113,26 @@ def decode(proposals: Tensor, t: Tensor) -> Tensor:
     x, y = px + pw * t[:, 0], py + ph * t[:, 1]
     w, h = pw * torch.exp(t[:, 2].clamp(max=4)), ph * torch.exp(t[:, 3].clamp(max=4))
     return torch.stack([x - w / 2, y - h / 2, x + w / 2, y + h / 2], dim=1)
+
+
+def hog_features(windows: Tensor, cell: int = 6, block: int = 2, orientations: int = 9) -> Tensor:
+    """HOG descriptors (scikit-image's `hog`: unsigned gradients, `cell` x `cell` pixel cells, `block` x `block`
+    cell blocks, L2-Hys) of warped windows [n, C, s, s] -> [n, d]; colour windows use the strongest channel's
+    gradient at each pixel, as Dalal and Triggs."""
+    from skimage.feature import hog
+
+    if len(windows) == 0:
+        side = windows.shape[-1] // cell
+        blocks = max(side - block + 1, 0) ** 2
+        return torch.zeros(0, blocks * block * block * orientations)
+    arr = windows.detach().cpu().double().numpy()
+    kw = dict(orientations=orientations, pixels_per_cell=(cell, cell), cells_per_block=(block, block),
+              block_norm="L2-Hys", feature_vector=True)
+    if arr.shape[1] == 1:
+        feats = [hog(w[0], **kw) for w in arr]
+    else:
+        feats = [hog(w.transpose(1, 2, 0), channel_axis=-1, **kw) for w in arr]
+    return torch.from_numpy(np.stack(feats)).float()
 
 
 # ---------------------------------------------------------------------------------------------- VOC AP
@@ -265,7 +289,9 @@ class RCNN(Task):
             (liblinear's L1-loss dual, as the authors' code), negatives below svm_neg_iou, features scaled to
             a mean norm of feat_norm; hard-negative mining from hard_init random negatives for hard_rounds.
         bbox_iou, ridge_lambda: box regression on proposals with IoU > bbox_iou, ridge penalty.
-        nms_iou: per-class greedy NMS threshold at test; ap_iou and voc07: the AP protocol.
+        hog_size, hog_cell, hog_block, hog_orientations: the HOG baseline's warp size and descriptor.
+        nms_iou: per-class greedy NMS threshold at test; ap_ious and voc07: the AP protocol (the first IoU is the
+            primary `mAP_<v>`).
         max_windows: forward at most this many windows at once (memory).
     """
 
@@ -275,7 +301,9 @@ class RCNN(Task):
                  fg_fraction: float = 0.25, pretrain_jitter: float = 0.1, svm_neg_iou: float = 0.3,
                  svm_C: float = 0.001, svm_pos_weight: float = 2.0, svm_bias: float = 10.0, feat_norm: float = 20.0,
                  hard_rounds: int = 3, hard_init: int = 2000, bbox_iou: float = 0.6, ridge_lambda: float = 1000.0,
-                 nms_iou: float = 0.3, ap_iou: float = 0.5, voc07: bool = True, max_windows: int = 1024) -> None:
+                 hog_size: int = 24, hog_cell: int = 6, hog_block: int = 2, hog_orientations: int = 9,
+                 nms_iou: float = 0.3, ap_ious: tuple[float, ...] | list[float] = (0.5, 0.7), voc07: bool = True,
+                 max_windows: int = 1024) -> None:
         super().__init__()
         self.net = net
         self.pretrained_net = copy.deepcopy(net).requires_grad_(False)  # variant b: frozen after pretraining
@@ -291,7 +319,8 @@ class RCNN(Task):
         self.svm_neg_iou, self.svm_C, self.svm_pos_weight, self.svm_bias = svm_neg_iou, svm_C, svm_pos_weight, svm_bias
         self.feat_norm, self.hard_rounds, self.hard_init = feat_norm, hard_rounds, hard_init
         self.bbox_iou, self.ridge_lambda = bbox_iou, ridge_lambda
-        self.nms_iou, self.ap_iou, self.voc07 = nms_iou, ap_iou, voc07
+        self.hog_size, self.hog_kw = hog_size, {"cell": hog_cell, "block": hog_block, "orientations": hog_orientations}
+        self.nms_iou, self.ap_ious, self.voc07 = nms_iou, tuple(float(v) for v in ap_ious), voc07
         self.max_windows = max_windows
         self.svms: dict[str, dict[str, Tensor]] = {}
         self.bbox: dict[str, Tensor] = {}
@@ -419,10 +448,14 @@ class RCNN(Task):
 
     # ------------------------------------------------------------------ features
     def features(self, kind: str, image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Window features of one image: (SVM features, pool5 or None). kind: pixels, pretrained or finetuned."""
+        """Window features of one image: (SVM features, pool5 or None). kind: pixels, hog, pretrained or
+        finetuned."""
         if kind == "pixels":
             w = warp(image[None].float(), [boxes], self.pixel_size, round(self.pad * self.pixel_size / self.size))
             return w.flatten(1), None
+        if kind == "hog":
+            w = warp(image[None].float(), [boxes], self.hog_size, round(self.pad * self.hog_size / self.size))
+            return hog_features(w, **self.hog_kw), None
         net = self.pretrained_net if kind == "pretrained" else self.net
         was = net.training
         net.eval()
@@ -571,19 +604,22 @@ class RCNN(Task):
                 for v, d in self.detect(split, image, target).items():
                     dets.setdefault(v, []).append(d)
         metrics = {"recall": proposal_recall(props, [g[0] for g in gts]),
-                   "proposals_per_image": sum(len(p) for p in props) / max(len(props), 1)}
+                   "proposals_per_image": sum(len(p) for p in props) / max(len(props), 1),
+                   "images": float(len(gts))}
         per_class: dict[str, list[float]] = {}
         for v, per_image in sorted(dets.items()):
-            aps = []
-            for c in range(self.num_classes):
-                scores, tp, n_pos = match_detections(
-                    [b[lab == c] for b, _, lab in per_image], [s[lab == c] for _, s, lab in per_image],
-                    [g[lab == c] for g, lab in gts], [d[lab == c] for d, (_, lab) in zip(difficult, gts)],
-                    self.ap_iou)
-                aps.append(100 * average_precision(scores, tp, n_pos, self.voc07))
-            per_class[v] = aps
-            metrics[f"mAP_{v}"] = float(np.nanmean(aps)) if not all(math.isnan(a) for a in aps) else float("nan")
-            metrics.update({f"AP_{v}/{c}": a for c, a in enumerate(aps) if not math.isnan(a)})
+            for k, iou in enumerate(self.ap_ious):
+                aps = []
+                for c in range(self.num_classes):
+                    scores, tp, n_pos = match_detections(
+                        [b[lab == c] for b, _, lab in per_image], [s[lab == c] for _, s, lab in per_image],
+                        [g[lab == c] for g, lab in gts], [d[lab == c] for d, (_, lab) in zip(difficult, gts)], iou)
+                    aps.append(100 * average_precision(scores, tp, n_pos, self.voc07))
+                name = "mAP" if k == 0 else f"mAP{round(100 * iou)}"
+                metrics[f"{name}_{v}"] = float(np.nanmean(aps)) if not all(math.isnan(a) for a in aps) else float("nan")
+                if k == 0:
+                    per_class[v] = aps
+                    metrics.update({f"AP_{v}/{c}": a for c, a in enumerate(aps) if not math.isnan(a)})
         self.last_eval = {"split": split, "per_class": per_class}
         return metrics
 
@@ -646,7 +682,8 @@ class RCNN(Task):
                 ax.bar(np.arange(self.num_classes) + k * width, aps, width, label=f"{v}: mAP {np.nanmean(aps):.1f}")
             ax.set_xticks(np.arange(self.num_classes) + 0.4 - width / 2, names, rotation=90 if len(names) > 10 else 0)
             ax.set_ylabel("test AP (%)")
-            ax.set_title("per-class AP: a pixels+SVM, b pretrained+SVM, c fine-tuned+SVM, d c+box regression")
+            ax.set_title("per-class AP (IoU 0.5): a pixels+SVM, hog HOG+SVM, b pretrained+SVM, c fine-tuned+SVM, "
+                         "d c+box regression", fontsize=8)
             ax.legend(fontsize=7)
             fig.tight_layout()
             paths.append(out_dir / "per_class_ap.png")
@@ -676,18 +713,39 @@ def _stack(images: list[Tensor]) -> Tensor:
 
 
 def summarize(study: dict) -> dict[str, float]:
-    """Median over seeds of each variant's test mAP, the gains the paper reports, and stage wall times."""
+    """Over the runs given (one seed's, or all): the median of each variant's test mAP at every IoU, the paper's
+    gains (fine-tuning c - b, box regression d - c at IoU 0.5 and 0.7, d - a, CNN over HOG b - hog), and the
+    median stage wall times."""
     import json
     import statistics
 
+    runs = [r for r in study.get("runs", []) if r.get("status") == "completed"]
     out: dict[str, float] = {}
-    groups = study.get("groups", {})
-    for label, metrics in groups.items():
-        for v in "abcd":
-            if f"test/mAP_{v}" in metrics:
-                out[f"{label}/mAP_{v}"] = metrics[f"test/mAP_{v}"]["median"]
+
+    def med(label: str, key: str) -> float | None:
+        vals = [float(r["metrics"][key]) for r in runs if r["label"] == label and key in r["metrics"]]
+        vals = [v for v in vals if not math.isnan(v)]
+        return statistics.median(vals) if vals else None
+
+    def gain(label: str, hi: str, lo: str) -> float | None:
+        diffs = [float(r["metrics"][hi]) - float(r["metrics"][lo]) for r in runs
+                 if r["label"] == label and hi in r["metrics"] and lo in r["metrics"]]
+        return statistics.median(diffs) if diffs else None
+
+    for label in sorted({r["label"] for r in runs}):
+        for prefix in ("mAP", "mAP70"):
+            for v in VARIANTS:
+                value = med(label, f"test/{prefix}_{v}")
+                if value is not None:
+                    out[f"{label}/{prefix}_{v}"] = value
+        for name, hi, lo in (("finetune_gain", "mAP_c", "mAP_b"), ("bbox_gain", "mAP_d", "mAP_c"),
+                             ("bbox_gain70", "mAP70_d", "mAP70_c"), ("d_minus_a", "mAP_d", "mAP_a"),
+                             ("cnn_minus_hog", "mAP_b", "mAP_hog"), ("hog_minus_pixels", "mAP_hog", "mAP_a")):
+            value = gain(label, f"test/{hi}", f"test/{lo}")
+            if value is not None:
+                out[f"{label}/{name}"] = value
     stage_times: dict[str, list[float]] = {}
-    for run in study.get("runs", []):
+    for run in runs:
         path = Path(run["dir"]) / "metrics.jsonl"
         if not path.exists():
             continue
@@ -705,7 +763,8 @@ def summarize(study: dict) -> dict[str, float]:
 
 
 def study_figure(study: dict, out_dir: Path) -> list[Path]:
-    """mAP of variants a-d per seed (dots) and median (bars), beside proposal recall."""
+    """Test mAP of every variant at IoU 0.5 and 0.7: each seed a dot, the median over seeds a bar; the title
+    gives the test size, the seeds and the proposal recall."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -714,22 +773,31 @@ def study_figure(study: dict, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [r for r in study.get("runs", []) if r["status"] == "completed"]
-    variants = [v for v in "abcd" if any(f"test/mAP_{v}" in r["metrics"] for r in runs)]
-    names = {"a": "a: pixels\n+SVM", "b": "b: pretrained\nCNN+SVM", "c": "c: fine-tuned\nCNN+SVM",
-             "d": "d: c + box\nregression"}
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for k, v in enumerate(variants):
-        vals = [float(r["metrics"][f"test/mAP_{v}"]) for r in runs if f"test/mAP_{v}" in r["metrics"]]
-        ax.bar(k, np.median(vals), color="C0", alpha=0.6)
-        ax.scatter([k] * len(vals), vals, color="k", s=12, zorder=3)
-        ax.text(k, np.median(vals) + 1, f"{np.median(vals):.1f}", ha="center")
+    variants = [v for v in VARIANTS if any(f"test/mAP_{v}" in r["metrics"] for r in runs)]
+    names = {"a": "a: pixels\n+SVM", "hog": "HOG\n+SVM", "b": "b: pretrained\nCNN+SVM",
+             "c": "c: fine-tuned\nCNN+SVM", "d": "d: c + box\nregression"}
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    width = 0.38
+    for j, (prefix, iou, color) in enumerate((("mAP", "0.5", "C0"), ("mAP70", "0.7", "C1"))):
+        for k, v in enumerate(variants):
+            vals = [float(r["metrics"][f"test/{prefix}_{v}"]) for r in runs if f"test/{prefix}_{v}" in r["metrics"]]
+            if not vals:
+                continue
+            x = k + (j - 0.5) * width
+            ax.bar(x, np.median(vals), width, color=color, alpha=0.6, label=f"IoU {iou}" if k == 0 else None)
+            ax.scatter([x] * len(vals), vals, color="k", s=10, zorder=3)
+            ax.text(x, max(vals) + 1, f"{np.median(vals):.1f}", ha="center", fontsize=7)
     recall = [float(r["metrics"]["test/recall"]) for r in runs if "test/recall" in r["metrics"]]
-    ax.set_xticks(range(len(variants)), [names[v] for v in variants])
-    ax.set_ylabel("test mAP (%, VOC07 11-point, IoU 0.5)")
-    title = "R-CNN on digit scenes"
+    images = [int(r["metrics"]["test/images"]) for r in runs if "test/images" in r["metrics"]]
+    ax.set_xticks(range(len(variants)), [names[v] for v in variants], fontsize=8)
+    ax.set_ylabel("test mAP (%, VOC07 11-point)")
+    ax.legend(fontsize=8, loc="upper left")
+    seeds = sorted({r.get("seed") for r in runs}, key=str)
+    title = f"R-CNN on digit scenes: {images[0] if images else '?'} test scenes, {len(seeds)} seeds"
+    title += " (bars: median, dots: seeds)"
     if recall:
-        title += f" (proposal recall@0.5 {np.median(recall):.3f}; {len(runs)} seeds)"
-    ax.set_title(title)
+        title += f"\nproposal recall@0.5 {np.median(recall):.3f} (median)"
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = out_dir / "rcnn_map.png"
     fig.savefig(path, dpi=100)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -185,17 +186,17 @@ class ResBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """The s and t functions: conv in, residual blocks, BN-ReLU, conv out (zero-initialised: the coupling
-    starts as the identity)."""
+    """The s and t functions: conv in, residual blocks, BN-ReLU, conv out. Every convolution is weight-normalised,
+    the output one included, as in the authors' code (its magnitude is one of the L2-penalised "weight scale
+    parameters"); the output starts random, not zero, so that a tanh scale initialised at 0 still gets a gradient.
+    """
 
     def __init__(self, cin: int, mid: int, cout: int, blocks: int, bn: Callable[[int], nn.Module]) -> None:
         super().__init__()
         self.inp = _wn_conv(cin, mid, 3)
         self.blocks = nn.Sequential(*[ResBlock(mid, bn) for _ in range(blocks)])
         self.out_norm = nn.Sequential(bn(mid), nn.ReLU())
-        self.out = nn.Conv2d(mid, cout, 3, padding=1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        self.out = _wn_conv(mid, cout, 3)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(self.out_norm(self.blocks(self.inp(x))))
@@ -214,10 +215,16 @@ def checkerboard(h: int, w: int, parity: int, device: torch.device | None = None
 class Coupling(nn.Module):
     """One coupling layer: y_b = x_b (kept), y_(1-b) = x_(1-b) * exp(s(x_b)) + t(x_b) (affine) or + t(x_b)
     (additive), with s = scale * tanh(.) bounding the log-scale. Masks: checkerboard over space, or the
-    first/second half of the channels."""
+    first/second half of the channels.
+
+    `scale` is one scalar per coupling, as in the authors' code, where the two kinds differ: a checkerboard
+    coupling's `rescaling_scale` starts at 0 and is L2-penalised; a channel-wise coupling's `scale` starts at 1 and
+    is not (its variable name is not in the authors' L2 filter). `scale_in_l2` marks which.
+    """
 
     def __init__(self, channels: int, mask: str, parity: int, coupling: str, mid: int, blocks: int,
-                 bn: Callable[[int], nn.Module]) -> None:
+                 bn: Callable[[int], nn.Module], scale_init: float | None = None,
+                 scale_in_l2: bool | None = None) -> None:
         super().__init__()
         if mask not in ("checkerboard", "channel"):
             raise ValueError(f"mask={mask!r}")
@@ -229,7 +236,10 @@ class Coupling(nn.Module):
         else:
             cin = cout = channels // 2
         self.net = ResNet(cin, mid, (2 if self.affine else 1) * cout, blocks, bn)
-        self.scale = nn.Parameter(torch.ones(1, cout, 1, 1)) if self.affine else None
+        checker = mask == "checkerboard"
+        init = (0.0 if checker else 1.0) if scale_init is None else scale_init
+        self.scale = nn.Parameter(torch.tensor(float(init))) if self.affine else None
+        self.scale_in_l2 = self.affine and (checker if scale_in_l2 is None else scale_in_l2)
 
     def _st(self, cond: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor]:
         if b is not None:
@@ -387,26 +397,40 @@ class RealNVPFlow(nn.Module):
 class RealNVP(Task):
     """Maximum likelihood training of a Real NVP (or NICE) flow on dequantised, logit-transformed pixels.
 
+    The training loss is the authors': the negative log-likelihood in nats per image plus
+    `l2 * sum ||w||^2` over the weight-normalisation magnitudes and the checkerboard couplings' tanh scales (the
+    paper's "L2 regularization on the weight scale parameters", 5e-5). `loss_unit="bits/dim"` divides the whole
+    loss by D ln 2 (the same penalty relative to the likelihood, a different gradient scale for clipping and
+    Adam's epsilon). The penalty is never Adam weight decay: that would add `l2 * w` to the gradient of whatever
+    the loss's unit is, which against a bits/dim loss is D ln 2 / 2 times the paper's penalty.
+
     Args:
         flow: the `RealNVPFlow` (a `_target_` in the config).
-        optimizer: partial optimizer; `weight_decay` applies to the weight-normalisation scales only (the paper's
-            L2 on the "weight scale parameters"), every other parameter gets none.
+        optimizer: partial optimizer, applied to every parameter without weight decay.
         levels: grey levels of the data (17 for the 8x8 digits, 256 for 8-bit images).
         alpha: the logit preprocessing's margin: y = logit(alpha + (1 - 2 alpha) u).
         baselines: fit full-covariance and diagonal Gaussians in the same logit space (closed form, on the
             train split) and report their bits/dim beside the flow's, plus the uniform model's log2(levels).
+        l2: the penalty's coefficient, added to the loss in nats per image.
+        loss_unit: "nats" (per image, the authors') or "bits/dim".
         temperature: the standard deviation of z for samples.
+        eval_draws: dequantisation draws per evaluated image; the reported bits/dim is their mean, and
+            `bpd_draw_std` the standard deviation over draws of the split's mean.
         eval_seed: the dequantisation noise of evaluation comes from this seed, so a model's score is a number.
     """
 
     def __init__(self, flow: RealNVPFlow, optimizer: Callable[..., torch.optim.Optimizer], levels: int = 256,
-                 alpha: float = 0.05, baselines: bool = True, weight_decay: float = 5e-5, temperature: float = 1.0,
-                 baseline_draws: int = 4, eval_seed: int = 1234) -> None:
+                 alpha: float = 0.05, baselines: bool = True, l2: float = 5e-5, loss_unit: str = "nats",
+                 temperature: float = 1.0, baseline_draws: int = 4, eval_draws: int = 4,
+                 eval_seed: int = 1234) -> None:
         super().__init__()
+        if loss_unit not in ("nats", "bits/dim"):
+            raise ValueError(f"loss_unit={loss_unit!r}: expected 'nats' (per image) or 'bits/dim'")
         self.flow = flow
         self._optimizer = optimizer
-        self.levels, self.alpha, self.weight_decay = levels, alpha, weight_decay
+        self.levels, self.alpha, self.l2, self.loss_unit = levels, alpha, l2, loss_unit
         self.baselines, self.baseline_draws, self.eval_seed = baselines, baseline_draws, eval_seed
+        self.eval_draws = eval_draws
         self.temperature = temperature
         self.gaussians: dict[str, Any] = {}
 
@@ -425,18 +449,32 @@ class RealNVP(Task):
         """Discrete bits/dim per sample of images x in [0, 1] (dequantised with `noise`, uniform by default)."""
         return bits_per_dim(self.log_prob_u(dequantize(x, self.levels, noise)), x[0].numel(), self.levels)
 
+    def l2_parameters(self) -> list[Tensor]:
+        """The penalised "weight scale parameters": every weight-norm magnitude and the L2-marked tanh scales."""
+        params = [p for n, p in self.named_parameters() if n.endswith("parametrizations.weight.original0")]
+        params += [m.scale for m in self.modules() if isinstance(m, Coupling) and m.scale_in_l2]
+        return params
+
+    def regularizer(self) -> Tensor:
+        """sum ||w||^2 over `l2_parameters` (the authors' l2_reg, before the coefficient)."""
+        return sum((p.pow(2).sum() for p in self.l2_parameters()), torch.zeros((), device=self.device_))
+
+    def loss_scale(self, dims: int) -> float:
+        """The factor from nats per image to the loss's unit."""
+        return 1.0 if self.loss_unit == "nats" else 1.0 / (dims * math.log(2))
+
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        scales = [p for n, p in self.named_parameters() if n.endswith("parametrizations.weight.original0")]
-        ids = {id(p) for p in scales}
-        rest = [p for p in self.parameters() if id(p) not in ids]
-        groups = [{"params": rest, "weight_decay": 0.0}, {"params": scales, "weight_decay": self.weight_decay}]
-        return {"model": self._optimizer(groups)}
+        return {"model": self._optimizer(self.parameters())}
 
     def training_step(self, batch: Any) -> Iterator[tuple[str, Tensor]]:
         x = batch[0] if isinstance(batch, list | tuple) else batch
-        loss = self.bpd(x).mean()
-        self.log("bpd", loss)
-        yield "model", loss
+        dims = x[0].numel()
+        bpd = self.bpd(x).mean()
+        reg = self.regularizer()
+        self.log("bpd", bpd)
+        self.log("l2_reg", reg)
+        nats = bpd * dims * math.log(2)  # discrete NLL per image (a constant away from the continuous one)
+        yield "model", self.loss_scale(dims) * (nats + self.l2 * reg)
 
     # ------------------------------------------------------------------ baselines
     def on_stage_start(self, stage: str, data: Any) -> None:
@@ -470,24 +508,33 @@ class RealNVP(Task):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, loader: Any, split: str) -> dict[str, float]:
+        """Bits/dim of the split averaged over `eval_draws` dequantisation draws (the same draws for the flow and
+        the Gaussians); `bpd_draw_std` is the spread over draws of the split's mean."""
         g = torch.Generator().manual_seed(self.eval_seed)
-        sums: dict[str, float] = {}
-        n = 0
-        for batch in loader:
-            x = (batch[0] if isinstance(batch, list | tuple) else batch).to(self.device_)
-            noise = torch.rand(x.shape, generator=g).to(x.device)
-            u = dequantize(x, self.levels, noise)
-            dims = x[0].numel()
-            scores = {"bpd": bits_per_dim(self.log_prob_u(u), dims, self.levels)}
-            if self.gaussians:
-                y, ld_pre = logit_transform(u.double(), self.alpha)
-                for name, dist in self.gaussians.items():
-                    scores[f"gaussian_{name}_bpd"] = bits_per_dim(dist.log_prob(y.flatten(1)) + ld_pre, dims,
-                                                                  self.levels)
-            for k, v in scores.items():
-                sums[k] = sums.get(k, 0.0) + float(v.double().sum())
-            n += len(x)
-        out = {k: v / n for k, v in sums.items()}
+        per_draw: list[dict[str, float]] = []
+        for _ in range(max(self.eval_draws, 1)):
+            sums: dict[str, float] = {}
+            n = 0
+            for batch in loader:
+                x = (batch[0] if isinstance(batch, list | tuple) else batch).to(self.device_)
+                noise = torch.rand(x.shape, generator=g).to(x.device)
+                u = dequantize(x, self.levels, noise)
+                dims = x[0].numel()
+                scores = {"bpd": bits_per_dim(self.log_prob_u(u), dims, self.levels)}
+                if self.gaussians:
+                    y, ld_pre = logit_transform(u.double(), self.alpha)
+                    for name, dist in self.gaussians.items():
+                        scores[f"gaussian_{name}_bpd"] = bits_per_dim(dist.log_prob(y.flatten(1)) + ld_pre, dims,
+                                                                      self.levels)
+                for k, v in scores.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.double().sum())
+                n += len(x)
+            per_draw.append({k: v / n for k, v in sums.items()})
+        out = {k: float(np.mean([d[k] for d in per_draw])) for k in per_draw[0]}
+        flow_draws = [d["bpd"] for d in per_draw]
+        out["bpd_draw_std"] = float(np.std(flow_draws, ddof=1)) if len(flow_draws) > 1 else 0.0
+        out["bpd_draw_range"] = float(max(flow_draws) - min(flow_draws))
+        out["eval_draws"] = float(len(per_draw))
         out["uniform_bpd"] = math.log2(self.levels)
         return out
 
@@ -565,16 +612,27 @@ MODELS = {"affine": "Real NVP", "additive": "NICE (additive)"}
 
 
 def summarize(study: dict[str, Any]) -> dict[str, float]:
-    """Median test bits/dim of each model over seeds, and the baselines (identical in every run)."""
-    groups = study["groups"]
+    """Median test bits/dim of each model over the runs given (one seed's runs, or all), the baselines (identical
+    in every run) and the median spread of the flows' bits/dim over dequantisation draws."""
+    import statistics
+
+    runs = [r for r in study["runs"] if r.get("status") == "completed"]
     out: dict[str, float] = {}
+
+    def median(label: str | None, key: str) -> float | None:
+        vals = [float(r["metrics"][key]) for r in runs
+                if (label is None or r["label"] == label) and key in r["metrics"]]
+        return statistics.median(vals) if vals else None
+
     for label, name in (("affine", "realnvp"), ("additive", "nice")):
-        if label in groups and "test/bpd" in groups[label]:
-            out[f"{name}_bpd"] = groups[label]["test/bpd"]["median"]
-    for g in groups.values():
-        for key in ("gaussian_full_bpd", "gaussian_diagonal_bpd", "uniform_bpd"):
-            if f"test/{key}" in g:
-                out[key] = g[f"test/{key}"]["median"]
+        for key, suffix in (("test/bpd", "bpd"), ("test/bpd_draw_std", "bpd_draw_std")):
+            v = median(label, key)
+            if v is not None:
+                out[f"{name}_{suffix}"] = v
+    for key in ("gaussian_full_bpd", "gaussian_diagonal_bpd", "uniform_bpd"):
+        v = median(None, f"test/{key}")
+        if v is not None:
+            out[key] = v
     return out
 
 
@@ -606,7 +664,10 @@ def study_figure(study: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.text(i, vals_sorted[len(vals) // 2] + 0.05, f"{vals_sorted[len(vals) // 2]:.2f}", ha="center", fontsize=8)
     ax.set_xticks(range(len(entries)), [e[0] for e in entries], rotation=15, fontsize=8)
     ax.set_ylabel("test bits/dim (discrete, lower is better)")
-    ax.set_title(f"{study.get('experiment', '')}: density of held-out images")
+    draws = [r["metrics"].get("test/eval_draws") for r in runs if "test/eval_draws" in r["metrics"]]
+    seeds = len({r.get("seed") for r in runs})
+    ax.set_title(f"{study.get('experiment', '')}: held-out bits/dim (bar: median over {seeds} seeds, dots: seeds; "
+                 f"each the mean of {int(draws[0]) if draws else 1} dequantisation draws)", fontsize=9)
     fig.tight_layout()
     path = out_dir / "bits_per_dim.png"
     fig.savefig(path, dpi=120)

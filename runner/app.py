@@ -174,7 +174,8 @@ def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False) -> dict
         _copy_history(resume_dir, run_dir, ckpt_state)
         loggers = Loggers(run_dir, cfg.logger, redact(container),
                           wandb_id=(ckpt_state or {}).get("wandb_id"),
-                          resume_step=ckpt_state["position"]["global_step"] if ckpt_state and not history else None)
+                          resume_step=ckpt_state["position"]["global_step"] if ckpt_state and not history else None,
+                          resumed_from=resume_dir)
         for row in history:  # a reused stage's history, as if this run had logged it
             loggers.log(row)
     else:
@@ -266,7 +267,7 @@ def _finish(results: dict, run_dir: Path, t0: float, loggers: Any, dist: Any, fa
     summary = {k: v for k, v in results.get("metrics", {}).items()}
     summary["status"] = results["status"]
     try:
-        loggers.finish(summary, failed=failed)
+        loggers.finish(summary, failed=failed, results=results)
     finally:
         write_json(run_dir / RESULTS, results)
         same = resume_dir is not None and resume_dir.resolve() == run_dir.resolve()

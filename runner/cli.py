@@ -42,6 +42,12 @@ def setup() -> None:
         OmegaConf.register_new_resolver("mlrun_stamp", _stamp)
     if not OmegaConf.has_resolver("mlrun_pad"):  # sweep subfolders sort in job order: 000_, 001_, ..., 010_
         OmegaConf.register_new_resolver("mlrun_pad", lambda n, width=3: str(n).zfill(int(width)))
+    # Integer arithmetic between config keys, e.g. a simulated data-parallel batch `${mlrun_mul:8,${n}}` or
+    # steps per epoch `${mlrun_floordiv:1077,${dataset.batch_size}}`.
+    if not OmegaConf.has_resolver("mlrun_mul"):
+        OmegaConf.register_new_resolver("mlrun_mul", lambda a, b: int(a) * int(b))
+    if not OmegaConf.has_resolver("mlrun_floordiv"):
+        OmegaConf.register_new_resolver("mlrun_floordiv", lambda a, b: int(a) // int(b))
 
 
 def experiments() -> list[str]:

@@ -629,29 +629,55 @@ def ls_main(argv: list[str]) -> int:
 
 
 def sync_main(argv: list[str]) -> int:
-    """Upload finished offline W&B runs (never a running or failed one) with `wandb sync`."""
+    """Upload finished offline W&B runs with `wandb sync`: completed runs (with the earlier parts of a resumed
+    one) and each study's own run; never a run that is still running or failed."""
     ap = argparse.ArgumentParser(prog="mlrun sync", description=sync_main.__doc__)
     ap.add_argument("dirs", nargs="*")
-    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="list what would be uploaded (group, job type, artifacts)")
     args = ap.parse_args(argv)
     dirs = [Path(d) for d in (args.dirs or [d for d in DEFAULT_DIRS if Path(d).exists()])]
-    todo = []
+    todo: list[Path] = []
     for d in dirs:
-        for p in Path(d).rglob(RESULTS):
-            try:
-                status = read_json(p).get("status")
-            except (OSError, ValueError):
-                continue
-            if status != "completed":
-                continue
+        for p in sorted(Path(d).rglob(RESULTS)):
+            if _finished_chain(p.parent):
+                todo += sorted((p.parent / "wandb").glob("offline-run-*"))
+        for p in sorted(Path(d).rglob(STUDY)):  # the study's own run (job_type study), logged once it is gathered
             todo += sorted((p.parent / "wandb").glob("offline-run-*"))
+    todo = sorted(dict.fromkeys(todo), key=lambda p: (p.name, str(p)))  # offline-run-<start time>-<id>: in order
     if not todo:
         print("mlrun sync: no finished offline W&B runs found")
         return 0
+    from mlrun.loggers import offline_run_info
+
     for run_dir in todo:
-        print(f"{'would sync' if args.dry_run else 'syncing'} {run_dir}")
-        if not args.dry_run:
-            rc = subprocess.run([sys.executable, "-m", "wandb", "sync", str(run_dir)]).returncode
-            if rc != 0:
-                return rc
-    return 0
+        line = f"{'would sync' if args.dry_run else 'syncing'} {run_dir}"
+        try:
+            info = offline_run_info(run_dir)
+            arts = ", ".join(f"{a['name']}:{'/'.join(a['aliases'])}" for a in info["artifacts"]
+                             if a["type"] != "run_table")
+            line += f"  group={info['group'] or '-'} job_type={info['job_type'] or '-'}" + (
+                f" artifacts={arts}" if arts else "")
+        except Exception as e:  # noqa: BLE001 - the listing is a courtesy; wandb sync reads the file itself
+            line += f"  (unreadable: {type(e).__name__})"
+        print(line)
+    if args.dry_run:
+        return 0
+    # One call: wandb sync uploads the parts of one run (a resumed run's) in order of their start time.
+    return subprocess.run([sys.executable, "-m", "wandb", "sync", *map(str, todo)]).returncode
+
+
+def _finished_chain(run_dir: Path) -> bool:
+    """A completed run, or an earlier part of one (a run that `resume` continued into a completed run)."""
+    seen: set[Path] = set()
+    while run_dir.resolve() not in seen:
+        seen.add(run_dir.resolve())
+        try:
+            res = read_json(run_dir / RESULTS)
+        except (OSError, ValueError):
+            return False
+        if res.get("status") == "completed":
+            return not res.get("reused_from")  # a reused result has no W&B run of its own
+        if not res.get("resumed_by"):
+            return False
+        run_dir = Path(res["resumed_by"])
+    return False

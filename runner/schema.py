@@ -83,6 +83,10 @@ class LoggerConf:
     mode: str | None = None
     """online, offline or disabled; None: online when logged in, else offline."""
     tags: list[str] = field(default_factory=list)
+    """Extra W&B tags; every run is also tagged with its experiment, `arxiv:<id>` and `scale:<scale>`."""
+    log_model: str = "false"
+    """Upload checkpoints as W&B artifacts when a run completes: false, best, last or all (every checkpoint the
+    run kept), each with the run's results.json and config (offline: recorded for `mlrun sync`)."""
     init_timeout: float = 60.0
     """Seconds W&B may take to start online before the run goes on with local records only."""
     csv: bool = False

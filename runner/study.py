@@ -26,6 +26,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from mlrun import claims as claims_mod
+from mlrun import loggers
 from mlrun.records import RESULTS, STUDY, read_json, write_json
 
 log = logging.getLogger("mlrun")
@@ -190,6 +191,7 @@ class StudyCallback(Callback):
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         self._start = time.time()
+        loggers.start_study_group(config)  # the W&B group every job of this multirun (and a relaunch) shares
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -201,6 +203,7 @@ class StudyCallback(Callback):
         start = getattr(self, "_start", None)
         study = gather(sweep_dir, config.get("study"), config.get("experiment_name", ""), paper,
                        elapsed_s=time.time() - start if start is not None else None)
+        loggers.log_study(study, sweep_dir, config)  # one W&B run (job_type study) in the runs' group
         n = len(study["runs"])
         ok = sum(r["status"] == "completed" for r in study["runs"])
         log.info("study %s: %d/%d runs completed over seeds %s; %s; %s", study["experiment"], ok, n,

@@ -131,6 +131,13 @@ def test_compose_applies_overrides_and_types():
         compose("digits_classifier", ["trainer.max_step=7"])
 
 
+def test_integer_arithmetic_resolvers_between_config_keys():
+    cfg = compose("digits_classifier", ["dataset.batch_size='${mlrun_mul:8,${trainer.log_every}}'",
+                                        "trainer.eval_every='${mlrun_floordiv:1077,${dataset.batch_size}}'",
+                                        "trainer.log_every=4"])
+    assert cfg.dataset.batch_size == 32 and cfg.trainer.eval_every == 33
+
+
 # ------------------------------------------------------------------------------------------ the CLI
 
 
@@ -164,7 +171,7 @@ def test_no_experiment_lists_them(tmp_path):
 
 def test_help_lists_groups_without_torch(tmp_path):
     p = mlrun("--help", cwd=tmp_path)
-    assert p.returncode == 0 and "experiment: " in p.stdout and "hardware: cpu, ddp, gpu" in p.stdout
+    assert p.returncode == 0 and "experiment: " in p.stdout and "hardware: auto, cpu, ddp, gpu" in p.stdout
     code = "import sys, mlrun.cli; mlrun.cli.print_help(); assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True).returncode == 0
 

@@ -141,15 +141,37 @@ def test_mi_weight_zero_removes_the_term_from_the_generator_only():
     d1, g1 = step_losses(with_mi)
     d0, g0 = step_losses(control)
     assert d1.item() == pytest.approx(d0.item(), abs=1e-6)  # Q is still fit in the control
-    # the generator's losses differ by exactly λ·L_I on the same batch and codes
+    # the generator's losses differ by exactly λ·L_I on the same batch and on the G step's own (second) codes
     torch.manual_seed(0)
     torch.rand(16, 1, 8, 8)
+    with_mi.sample_codes(16)  # the D step's codes
     z, cat, cont = with_mi.sample_codes(16)
     li_cat, li_cont = with_mi.bounds(with_mi.trunk(with_mi.generate(z, cat, cont)), cat, cont)
     assert (g0 - g1).item() == pytest.approx((li_cat + li_cont).item(), abs=1e-5)
     gen_grads = grads_of(g1, list(with_mi.generator.parameters()))
     ctrl_grads = grads_of(g0, list(control.generator.parameters()))
     assert sum(float((a - b).abs().sum()) for a, b in zip(gen_grads, ctrl_grads)) > 1e-4
+
+
+def test_generator_step_draws_fresh_codes():
+    """As the authors' loop (two sess.run calls, each sampling the prior): G's step does not reuse D's codes."""
+    task = small_task()
+    drawn = []
+    original = task.sample_codes
+
+    def record(n, gen=None):
+        codes = original(n, gen)
+        drawn.append(codes)
+        return codes
+
+    task.sample_codes = record
+    step_losses(task)
+    assert len(drawn) == 2
+    assert not torch.equal(drawn[0][0], drawn[1][0]) and not torch.equal(drawn[0][2], drawn[1][2])
+    drawn.clear()
+    task.g_codes = "reuse"  # the earlier behaviour, kept as a variant: one draw per step
+    step_losses(task)
+    assert len(drawn) == 1
 
 
 # ---------------------------------------------------------------------------------------------- accuracy
@@ -220,6 +242,66 @@ def test_evaluate_is_deterministic_and_in_range():
     assert a == b
     assert 0.1 <= a["accuracy"] <= 1.0
     assert a["mi_lower_bound"] <= LN10
+
+
+class _Data:
+    def __init__(self, splits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.splits = splits
+
+    def dataset(self, split, stage=None):
+        if split not in self.splits:
+            raise KeyError(split)
+        return torch.utils.data.TensorDataset(*self.splits[split])
+
+
+def _digits_like(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n 8x8 images in 10 tight clusters (one bright pixel per class plus a little noise) with their labels."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 10
+    x = torch.rand(n, 1, 8, 8, generator=g) * 0.05
+    x.view(n, -1)[torch.arange(n), y * 6] = 1.0
+    return x, y
+
+
+def test_real_digits_are_scored_with_batch_norm_statistics_of_real_training_digits():
+    """Q's head only ever sees fakes in training; scoring real digits re-estimates the statistics on the real
+    training digits (a copy: the trained statistics stay), and 'trained' keeps the fake-image ones."""
+    task = small_task()
+    train = _digits_like(128, 0)
+    task.on_stage_start("train", _Data({"train": train}))
+    task.train()
+    with torch.no_grad():
+        for _ in range(3):  # training on fakes moves the running statistics
+            z, c, k = task.sample_codes(32)
+            task.q_head(task.trunk(task.generate(z, c, k)))
+    bn = task.q_head[1]
+    trained_mean = bn.running_mean.clone()
+    task.eval()
+    encoder = task.real_encoder()
+    # expected: the mean over the two real batches of 64 of the head's first-layer activations on real digits
+    real_bn = encoder[1][1]
+    trunk_copy, first = encoder[0], encoder[1][0]
+    with torch.no_grad():
+        acts = torch.cat([first(trunk_copy(train[0][i:i + 64])) for i in (0, 64)])
+    assert torch.allclose(real_bn.running_mean, acts.mean(0), atol=1e-5)
+    assert not torch.allclose(real_bn.running_mean, trained_mean, atol=1e-3)
+    assert torch.equal(bn.running_mean, trained_mean)  # the task's own statistics are untouched
+    task.bn_stats = "trained"
+    assert task.real_encoder()[1] is task.q_head
+
+
+def test_final_test_scores_the_union_of_score_splits_and_reports_kmeans():
+    task = small_task(score_splits=["val", "test"])
+    data = _Data({"train": _digits_like(200, 0), "val": _digits_like(30, 1), "test": _digits_like(50, 2)})
+    task.on_stage_start("train", data)
+    task.eval()
+    test_loader = torch.utils.data.DataLoader(data.dataset("test"), batch_size=16)
+    out = task.evaluate(test_loader, "test")
+    assert out["scored_digits"] == 80
+    assert out["pixel_kmeans_accuracy"] == 1.0  # ten tight pixel clusters: k-means finds them all
+    assert 0.0 < out["kmeans_accuracy"] <= 1.0
+    val = task.evaluate(torch.utils.data.DataLoader(data.dataset("val"), batch_size=16), "val")
+    assert val["scored_digits"] == 30 and "kmeans_accuracy" not in val
 
 
 # ---------------------------------------------------------------------------------------------- runs, figures

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,34 @@ def test_batchnorm_eval_output_does_not_depend_on_the_batch_but_training_output_
 def test_batchnorm_rejects_one_value_per_channel_in_training():
     with pytest.raises(ValueError, match="more than one value"):
         BatchNorm(3)(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="in chunks of 1"):
+        BatchNorm(3, ghost_batch=1)(torch.randn(4, 3))
+
+
+def test_ghost_batches_are_separate_workers_with_rank_0_running_statistics():
+    """BN over chunks of N in one batch equals N-image BNs on 8 workers, the gradient that of the whole batch;
+    the running statistics follow the first chunk only (what DDP keeps: rank 0's buffers)."""
+    torch.manual_seed(0)
+    ghost, ref = BatchNorm(4, ghost_batch=2), nn.BatchNorm2d(4)
+    _pair(ghost, ref)
+    x, g = torch.randn(16, 4, 3, 3) * 2 + 1, torch.randn(16, 4, 3, 3)
+    y, gx, gw, gb = _forward_backward(ghost, x, g)
+    xs = x.clone().requires_grad_()
+    workers = torch.cat([ref(chunk) for chunk in xs.split(2)])
+    workers.backward(g)
+    torch.testing.assert_close(y, workers.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, xs.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, ref.weight.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gb, ref.bias.grad, atol=1e-5, rtol=1e-5)
+    rank0 = nn.BatchNorm2d(4)
+    rank0(x[:2])
+    torch.testing.assert_close(ghost.running_mean, rank0.running_mean)
+    torch.testing.assert_close(ghost.running_var, rank0.running_var)
+    assert not torch.allclose(y[:2], BatchNorm(4)(x)[:2], atol=1e-3)  # whole-batch BN differs
+    with pytest.raises(ValueError, match="not a multiple of 2"):
+        ghost(torch.randn(5, 4, 3, 3))
+    ghost.eval()  # evaluation: running statistics, no chunks
+    torch.testing.assert_close(ghost(x[:3]), ghost(x)[:3])
 
 
 @pytest.mark.parametrize("groups", [1, 2, 3, 6])
@@ -223,15 +252,55 @@ def test_epoch_multistep_counts_epochs_in_steps():
     assert lrs[3 * per_epoch] == pytest.approx(0.01)
 
 
-def test_no_weight_decay_on_gamma_and_beta(gn_resnet50):
-    task = NormClassifier(gn_resnet50, lambda groups: sgd(groups, lr=0.1, weight_decay=1e-4),
-                          decay_norm=False)
-    opt = task.configure_optimizers()["model"]
-    decayed, free = opt.param_groups
-    norm_ids = {id(p) for m in task.net.modules() if isinstance(m, GroupNorm) for p in m.parameters()}
+def test_weight_decay_on_gamma_and_beta_unless_turned_off(gn_resnet50):
+    """The GN paper decays every weight layer, gamma and beta included (§4.1): one group by default."""
+    make = lambda groups: sgd(groups, lr=0.1, weight_decay=1e-4)  # noqa: E731
+    (group,) = NormClassifier(gn_resnet50, make).configure_optimizers()["model"].param_groups
+    assert group["weight_decay"] == 1e-4 and len(group["params"]) == len(list(gn_resnet50.parameters()))
+    decayed, free = NormClassifier(gn_resnet50, make, decay_norm=False).configure_optimizers()["model"].param_groups
+    norm_ids = {id(p) for m in gn_resnet50.modules() if isinstance(m, GroupNorm) for p in m.parameters()}
     assert decayed["weight_decay"] == 1e-4 and free["weight_decay"] == 0.0
     assert {id(p) for p in free["params"]} == norm_ids
-    assert len(decayed["params"]) + len(free["params"]) == len(list(task.net.parameters()))
+    assert len(decayed["params"]) + len(free["params"]) == len(list(gn_resnet50.parameters()))
+
+
+def test_paper_configs_decay_gamma_and_beta():
+    from mlrun import compose
+
+    for name in ("groupnorm_digits", "groupnorm_digits_groups", "groupnorm_imagenet"):
+        assert compose(name).model.decay_norm is True, name
+
+
+def test_groupnorm_digits_simulates_8_workers_per_step():
+    from omegaconf import OmegaConf
+
+    from mlrun import compose
+
+    cfg = OmegaConf.to_container(compose("groupnorm_digits", ["model.net={norm:bn,ghost_batch:2}"]), resolve=True)
+    assert cfg["label"] == "bn_b2" and cfg["dataset"]["batch_size"] == 16  # SGD over 8 workers' 2 images
+    assert cfg["model"]["net"]["ghost_batch"] == 2 and cfg["trainer"]["eval_every"] == 1077 // 16
+    opt = sgd([nn.Parameter(torch.zeros(1))], **{k: v for k, v in cfg["model"]["optimizer"].items()
+                                                 if not k.startswith("_")})
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 2 / 32)
+
+
+def test_evaluate_reports_the_median_of_the_last_evaluations_and_checkpoints_them():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    task = NormClassifier(net, lambda p: sgd(p, lr=0.1), median_last=3)
+    x = torch.randn(10, 4)
+    accs = []
+    for i in range(5):
+        y = (torch.arange(10) < 2 * i).long()  # a different accuracy at each evaluation
+        out = task.evaluate([(x, y)], "val")
+        accs.append(out["acc"])
+        if i < 2:
+            assert "acc_last3" not in out
+        else:
+            assert out["acc_last3"] == pytest.approx(sorted(accs[-3:])[1])
+    assert "acc_last3" not in task.evaluate([(x, y)], "test")  # one test evaluation: no median of 3
+    again = NormClassifier(net, lambda p: sgd(p, lr=0.1), median_last=3)
+    again.load_extra_state(task.extra_state())
+    assert again.eval_history == task.eval_history
 
 
 def test_evaluate_reports_percentiles_of_one_sigmoid_input_on_the_probe_batch():
@@ -295,9 +364,12 @@ def test_gn_summary_and_figure(tmp_path):
         for b, acc in accs.items():
             for seed, jitter in enumerate((0.0, 0.01, -0.01)):
                 runs.append({"dir": str(tmp_path), "label": f"{norm}_b{b}", "seed": seed, "status": "completed",
-                             "metrics": {"test/acc": acc + jitter}})
+                             "metrics": {"val/acc_last5": acc + jitter, "test/acc": acc - 0.01}})
     out = gn_summarize({"runs": runs})
     assert out["bn_b2/error"] == pytest.approx(10.0) and out["gn_b32/error"] == pytest.approx(3.0)
+    assert out["bn_b2/test_error"] == pytest.approx(11.0)
+    one_seed = gn_summarize({"runs": [r for r in runs if r["seed"] == 1]})  # called per seed: that seed's value
+    assert one_seed["bn_b2/error"] == pytest.approx(9.0)
     paths = gn_figure({"runs": runs}, tmp_path / "figs")
     assert paths[0].name == "gn_figure1.png" and paths[0].stat().st_size > 1000
     ablation = [dict(r, label=f"gn_g{g}") for g, r in zip((1, 2, 4), runs)]
@@ -338,3 +410,21 @@ def test_one_training_step_of_each_paper_scale_experiment(name, overrides, tmp_p
     assert 0.0 <= results["metrics"]["test/acc"] <= 1.0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(math.isfinite(r.get("train/model_loss", math.nan)) for r in rows)
+
+
+def test_target_scenes_are_the_split_digits_as_large_targets_among_distractors():
+    from mlrun.datasets.digits import load_digits_arrays, split_indices
+    from mlrun.datasets.scenes import TargetScenes, target_scene
+
+    data = TargetScenes(copies=2, seed=0)
+    x, y = data.dataset("train").tensors
+    labels = load_digits_arrays()[1][split_indices()["train"]]
+    assert x.shape == (2 * len(labels), 1, 16, 16) and torch.equal(y, torch.from_numpy(labels).repeat(2))
+    assert len(data.dataset("test")) == len(split_indices()["test"])  # one scene per held-out digit
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    torch.testing.assert_close(TargetScenes(copies=2, seed=0).dataset("train").tensors[0], x)
+    assert not torch.equal(TargetScenes(copies=2, seed=1).dataset("train").tensors[0], x)
+    rng = np.random.default_rng(0)  # no distractors, no noise: the target digit resized somewhere on the canvas
+    digit = load_digits_arrays()[0][0] / 16.0
+    img = target_scene(rng, digit, digit[None], distractors=(0, 0), clutter=0.0, target_size=8, canvas=8)
+    np.testing.assert_allclose(img, digit, atol=1e-6)
