@@ -295,6 +295,7 @@ def headline(results: dict[str, Any], most: int = 3) -> str:
     paper = (results.get("paper") or {}).get("metrics") or {}
     names = [spec.get("metric", k) if isinstance(spec, dict) else k for k, spec in paper.items()]
     names = [n for n in names if n in metrics] or [k for k in metrics if str(k).startswith("test/")]
+    names = list(dict.fromkeys(names))  # several paper rows (one per arm) may name the same metric
     parts = []
     for name in names[:most]:
         try:
