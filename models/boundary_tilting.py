@@ -169,10 +169,11 @@ class TiltingData(DataModule):
 
     def __init__(self, base: DataModule, flat_pixels: int = 0, std: float = 0.01, value: float = 0.0,
                  label_noise: float = 0.0, seed: int = 0, batch_size: int | None = None,
-                 eval_batch_size: int | None = None, drop_last: bool = False, root: str | None = None) -> None:
+                 eval_batch_size: int | None = None, drop_last: bool = False, root: str | None = None,
+                 download: bool = False) -> None:
         if not 0.0 <= label_noise < 0.5:
             raise ValueError(f"label_noise={label_noise}: expected a fraction in [0, 0.5)")
-        self.root = root
+        self.root, self.download = root, download  # both reach `base` through the config (dataset.root/download)
         self.base, self.flat_pixels, self.std, self.value, self.seed = base, int(flat_pixels), std, value, seed
         self.label_noise = label_noise
         self.batch_size = batch_size if batch_size is not None else base.batch_size

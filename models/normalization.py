@@ -469,9 +469,11 @@ def bn_figure(study: dict, out_dir: Path, without: str = "none_x1", with_: str =
             continue
         steps = [s for s, _ in curves[0][:n]]
         med = [statistics.median(c[i][1] for c in curves) for i in range(n)]
-        axes[0].plot(steps, med, label=label, lw=2 if label in (without, with_) else 1)
-    axes[0].set(title="(a) held-out accuracy (median of seeds)", xlabel="training step", ylabel="accuracy",
-                ylim=(0.5, 1.0))
+        line = axes[0].plot(steps, med, label=f"{label} (n={len(curves)})", lw=2 if label in (without, with_) else 1)[0]
+        for c in curves:  # each seed, faint, in its condition's colour: the spread behind the median
+            axes[0].plot([s for s, _ in c], [v for _, v in c], ".", ms=2, color=line.get_color(), alpha=0.35)
+    axes[0].set(title="(a) held-out accuracy: line = median of seeds, dots = each seed", xlabel="training step",
+                ylabel="accuracy", ylim=(0.5, 1.0))
     axes[0].legend(fontsize=8)
     for ax, label, title in ((axes[1], without, "(b) without BN"), (axes[2], with_, "(c) with BN")):
         if label not in runs:
@@ -480,7 +482,8 @@ def bn_figure(study: dict, out_dir: Path, without: str = "none_x1", with_: str =
         for p, style in (("val/p15", "--"), ("val/p50", "-"), ("val/p85", "--")):
             curve = read_curve(runs[label][0]["dir"], p)
             ax.plot([s for s, _ in curve], [v for _, v in curve], style, color="k", label=p.split("/")[1])
-        ax.set(title=f"{title} ({label}): last-layer sigmoid input", xlabel="training step")
+        ax.set(title=f"{title} ({label}, seed {runs[label][0].get('seed', '?')}): last-layer sigmoid input",
+               xlabel="training step")
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = out_dir / "bn_figure1.png"

@@ -282,6 +282,11 @@ class Loggers:
                 settings=wandb.Settings(silent=True, console="off", init_timeout=float(cfg.init_timeout)),
             )
             self.wandb_run.summary.update(paper_values(config_dict.get("paper"), self.label))
+            if mode == "offline":  # said once, at start: where the run is and how it reaches W&B
+                where = Path(self.wandb_run.dir).parent
+                if where.is_relative_to(Path.cwd()):
+                    where = where.relative_to(Path.cwd())
+                log.info("W&B offline: %s (upload later with `mlrun sync` once logged in)", where)
         except Exception as e:  # noqa: BLE001 - a tracker must never take a run down
             log.warning("W&B could not start (%s: %s); continuing with local records only", type(e).__name__, e)
             self.wandb_run = None

@@ -25,6 +25,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -108,6 +109,13 @@ def _when(r: dict[str, Any]) -> str:
 def select(runs: list[dict[str, Any]]) -> tuple[dict[tuple[str, str], list[dict]], list[dict[str, Any]]]:
     """(counted runs per (experiment, label), runs not counted with `reason`), as the module docstring says."""
     dirs = {str(Path(r["dir"]).resolve()) for r in runs}
+    by_dir = {str(Path(r["dir"]).resolve()): r for r in runs}
+
+    def continued(r: dict[str, Any]) -> bool:
+        """Resumed by a run that trains on (an eval-only or debug run that read its checkpoint replaces nothing)."""
+        nxt = by_dir.get(str(Path(str(r["resumed_by"])).resolve()))
+        return nxt is None or not (nxt.get("eval_only") or nxt.get("debug"))
+
     excluded: list[dict[str, Any]] = []
     candidates: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in runs:
@@ -116,7 +124,7 @@ def select(runs: list[dict[str, Any]]) -> tuple[dict[tuple[str, str], list[dict]
             reason = "debug preset"
         elif r.get("eval_only"):
             reason = "eval-only"
-        elif r.get("resumed_by"):
+        elif r.get("resumed_by") and continued(r):
             reason = "superseded by the run that resumed it"
         elif r.get("reused_from") and str(Path(str(r["reused_from"])).resolve()) in dirs:
             reason = "resume=auto copy of a run counted on its own"
@@ -662,8 +670,28 @@ def sync_main(argv: list[str]) -> int:
         print(line)
     if args.dry_run:
         return 0
+    if not wandb_logged_in():
+        print(f"mlrun sync: {len(todo)} finished offline W&B run(s) wait, but this machine has no W&B login: "
+              "run `wandb login` (or set WANDB_API_KEY), then `mlrun sync` again", file=sys.stderr)
+        return 1
     # One call: wandb sync uploads the parts of one run (a resumed run's) in order of their start time.
     return subprocess.run([sys.executable, "-m", "wandb", "sync", *map(str, todo)]).returncode
+
+
+def wandb_logged_in() -> bool:
+    """Whether `wandb sync` has credentials: WANDB_API_KEY, or the netrc entry `wandb login` writes for the host."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or str(Path.home() / ".netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
 
 
 def _finished_chain(run_dir: Path) -> bool:

@@ -19,6 +19,7 @@ from mlrun.models.normalization import (
     GroupNorm,
     NormClassifier,
     SigmoidMLP,
+    bn_figure,
     bn_summarize,
     drift,
     epoch_multistep,
@@ -356,6 +357,31 @@ def test_bn_summarize_reads_each_runs_curves(tmp_path):
     assert math.isinf(out["none_x1/s2/steps_to_90"])
     assert out["none_x1/p50_drift"] == pytest.approx(1.0)  # median of pstdev(1, 3), (2, 4), (0, 0)
     assert out["bn_x5/steps_to_90"] == 50 and out["bn_x5/p50_drift"] == 0.0
+
+
+def test_bn_figure_draws_every_seed_and_names_the_median(tmp_path, monkeypatch):
+    runs = []
+    for label in ("none_x1", "bn_x1"):
+        for seed in range(3):
+            d = tmp_path / f"{label}_s{seed}"
+            d.mkdir()
+            rows = [{"step": s, "val/acc": 0.5 + 0.1 * k + 0.01 * seed, "val/p15": -1.0, "val/p50": 0.0,
+                     "val/p85": 0.4} for k, s in enumerate((50, 100, 150))]
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            runs.append({"dir": str(d), "label": label, "seed": seed, "status": "completed", "metrics": {}})
+    import matplotlib.axes
+
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: drawn.append((ax.get_title(), a, k))
+                        or real_plot(ax, *a, **k))
+    (path,) = bn_figure({"runs": runs}, tmp_path / "figs")
+    assert path.name == "bn_figure1.png" and path.stat().st_size > 1000
+    panel_a = [(a, k) for _, a, k in drawn if len(a) >= 2 and len(a[1]) == 3 and a[1][0] >= 0.5]
+    medians = [k["label"] for a, k in panel_a if "label" in k]
+    assert sorted(medians) == ["bn_x1 (n=3)", "none_x1 (n=3)"]
+    dots = [a for a, k in panel_a if a[2:] == (".",)]
+    assert sorted(tuple(a[1]) for a in dots)[:1] == [(0.5, 0.6, 0.7)] and len(dots) == 6  # one per run
 
 
 def test_gn_summary_and_figure(tmp_path):

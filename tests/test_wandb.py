@@ -102,7 +102,9 @@ def test_a_two_seed_study_is_two_runs_and_one_study_run_in_one_group(offline):
               '{name:perfect,lhs:{run:arm,metric:test/acc},op:">=",rhs:1.01}]}')
     study = ["-m", "experiment=digits_classifier", "seed=0,1", "trainer.max_steps=3", *FAST, "label=arm",
              "+paper.arxiv=1234.56789", "++paper.metrics={test/acc:0.99}", claims]
-    mlrun(*study, cwd=offline, env=env)
+    p = mlrun(*study, cwd=offline, env=env)
+    said = p.stdout + p.stderr
+    assert said.count("W&B offline: ") == 2 and said.count("upload later with `mlrun sync`") == 2  # once per run
     (sweep,) = (offline / "multirun").glob("*/*")
     runs = offline_runs(sweep)
     arms = [r for r in runs if r["job_type"] == "arm"]
@@ -146,6 +148,12 @@ def test_a_two_seed_study_is_two_runs_and_one_study_run_in_one_group(offline):
     listed = [line for line in p.stdout.splitlines() if line.startswith("would sync")]
     assert len(listed) == 3 and all(f"group={group}" in line for line in listed)
     assert sum("job_type=study" in line for line in listed) == 1
+    no_login = {**env, "HOME": str(offline), "NETRC": str(offline / "no-netrc")}
+    no_login.pop("WANDB_API_KEY", None)
+    p = subprocess.run([str(Path(sys.executable).with_name("mlrun")), "sync"], cwd=offline, env=no_login,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "3 finished offline W&B run(s) wait" in p.stderr and "wandb login" in p.stderr
 
     # a relaunch with resume=auto reuses the finished runs and logs its study run into the same group;
     # another design (more steps) is another study, another group
