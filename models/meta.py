@@ -677,8 +677,8 @@ def study_figure(study: dict[str, Any], out_dir: Path) -> list[Path]:
         if ks:  # the untrained baseline runs no meta-gradient and reports no memory
             ax_m.plot(ks, [statistics.median(ms[f"test/saved_mib_k{k}"]) for k in ks], "o-", label=label)
             ax_m.set_xticks(ks)
-    ax_m.set(xlabel="inner gradient steps K", ylabel="MiB saved for backward (one task, median of seeds)",
-             title="memory of one meta-gradient")
+    ax_m.set(xlabel="inner gradient steps K", ylabel="MiB saved for backward",
+             title="memory of one meta-gradient (one task, median of seeds)")
     ax_m.legend()
     bars = [(lb, runs[lb].get("test/acc", [])) for lb in labels]
     bars.append(("raw pixels, 1-NN", [v for lb in labels for v in runs[lb].get("test/pixel_acc", [])][:1]))
@@ -687,8 +687,8 @@ def study_figure(study: dict[str, Any], out_dir: Path) -> list[Path]:
     ax_a.bar(names, medians, color=[f"C{i}" for i in range(len(bars))])
     for i, (_, values) in enumerate(bars):
         ax_a.plot([i] * len(values), [100 * v for v in values], "k.", zorder=3)
-    ax_a.set(ylabel="test accuracy (%), bar: median of seeds, dots: seeds",
-             title="5-way 1-shot, unseen classes, one test-time adaptation for all")
+    ax_a.set(ylabel="test accuracy (%)",
+             title="5-way 1-shot, unseen classes, one adaptation for all\nbars: median of seeds, dots: seeds")
     finite = [m for m in medians if m == m]
     ax_a.set_ylim(max(0.0, min(finite, default=0.0) - 15), 100)
     ax_a.tick_params(axis="x", labelrotation=20)
