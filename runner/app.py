@@ -184,6 +184,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False) -> dict
     seed_everything(int(cfg.seed) + 0, cfg.trainer.deterministic)
     data = instantiate(cfg.dataset, _convert_="object")
     task = instantiate(cfg.model, _convert_="object")
+    task.setup(data)
     task.cache_dir = run_dir / "cache" if dist.is_main else None
     trainer = Trainer(cfg.trainer, device, run_dir, loggers, int(cfg.seed), dist, wandb_id=loggers.wandb_id)
     trainer.stage_cache = stage_cache
@@ -294,6 +295,7 @@ def headline(results: dict[str, Any], most: int = 3) -> str:
     paper = (results.get("paper") or {}).get("metrics") or {}
     names = [spec.get("metric", k) if isinstance(spec, dict) else k for k, spec in paper.items()]
     names = [n for n in names if n in metrics] or [k for k in metrics if str(k).startswith("test/")]
+    names = list(dict.fromkeys(names))  # several paper rows (one per arm) may name the same metric
     parts = []
     for name in names[:most]:
         try:

@@ -109,6 +109,13 @@ def _when(r: dict[str, Any]) -> str:
 def select(runs: list[dict[str, Any]]) -> tuple[dict[tuple[str, str], list[dict]], list[dict[str, Any]]]:
     """(counted runs per (experiment, label), runs not counted with `reason`), as the module docstring says."""
     dirs = {str(Path(r["dir"]).resolve()) for r in runs}
+    by_dir = {str(Path(r["dir"]).resolve()): r for r in runs}
+
+    def continued(r: dict[str, Any]) -> bool:
+        """Resumed by a run that trains on (an eval-only or debug run that read its checkpoint replaces nothing)."""
+        nxt = by_dir.get(str(Path(str(r["resumed_by"])).resolve()))
+        return nxt is None or not (nxt.get("eval_only") or nxt.get("debug"))
+
     excluded: list[dict[str, Any]] = []
     candidates: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in runs:
@@ -117,7 +124,7 @@ def select(runs: list[dict[str, Any]]) -> tuple[dict[tuple[str, str], list[dict]
             reason = "debug preset"
         elif r.get("eval_only"):
             reason = "eval-only"
-        elif r.get("resumed_by"):
+        elif r.get("resumed_by") and continued(r):
             reason = "superseded by the run that resumed it"
         elif r.get("reused_from") and str(Path(str(r["reused_from"])).resolve()) in dirs:
             reason = "resume=auto copy of a run counted on its own"

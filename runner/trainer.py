@@ -144,7 +144,7 @@ def _at_stage_start(position: dict[str, Any]) -> bool:
     return position.get("step", 0) == 0 and position.get("epoch", 0) == 0 and position.get("batch_in_epoch", 0) == 0
 
 
-STAGE_KEYS = ("name", "batch_size", "split", "args")
+STAGE_KEYS = ("name", "batch_size", "split", "args", "max_steps_from_best")
 """Keys of a stage spec that are not trainer settings: the rest override `trainer` for that stage."""
 
 
@@ -394,6 +394,13 @@ class Trainer:
             )
         accumulate = max(int(cfg.accumulate), 1)
         max_steps = int(cfg.max_epochs * per_epoch // accumulate) if cfg.max_epochs is not None else int(cfg.max_steps)
+        if spec.get("max_steps_from_best"):
+            # Retrain for the length an earlier stage chose by its monitored metric (select on val, then train
+            # on train+val for that many steps: ProtoNets' protocol).
+            if self.best.get("stage_step") is None:
+                raise ValueError(f"stage '{name}': max_steps_from_best needs an earlier stage with a monitor that "
+                                 "was evaluated (trainer.monitor and eval_every in that stage)")
+            max_steps = int(self.best["stage_step"])
         if cfg.step_limit is not None:
             max_steps = min(max_steps, int(cfg.step_limit))
 
@@ -587,7 +594,7 @@ class Trainer:
         if cfg.monitor and cfg.monitor in metrics:
             value = metrics[cfg.monitor]
             if self._improved(value, cfg):
-                self.best = {"value": value, "step": self.global_step, "stage": stage}
+                self.best = {"value": value, "step": self.global_step, "stage": stage, "stage_step": step}
                 self._bad_evals = 0
                 save("best.pt")
             else:

@@ -36,3 +36,13 @@ def test_none_draws_nothing(capsys):
     p.tick(1, {"l": torch.tensor(1.0)}, {"l": 1})
     p.update(2, {"l": 1.0})
     assert capsys.readouterr().out == ""
+
+
+def test_closing_line_names_each_headline_metric_once():
+    from mlrun.app import headline
+
+    results = {"metrics": {"test/acc": 0.69444, "test/loss": 1.0, "val/acc": 0.7},
+               "paper": {"metrics": {"maml": {"metric": "test/acc"}, "imaml": {"metric": "test/acc"},
+                                     "test/loss": 0.5, "test/bleu": 30.0}}}
+    assert headline(results) == "test/acc 0.6944, test/loss 1"
+    assert headline({"metrics": {"test/acc": 0.5, "val/acc": 0.4}}) == "test/acc 0.5"  # no paper block: test/*

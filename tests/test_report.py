@@ -171,3 +171,17 @@ def test_ls_is_legible_at_80_columns(tmp_path):
     assert max(len(line) for line in lines) <= 80 and "…" not in p.stdout
     for name in experiments():  # every name whole, on a line of its own with its scale
         assert any(line.split()[:2] in ([name, "cpu"], [name, "paper"]) for line in lines if line.strip()), name
+
+
+def test_an_eval_only_run_of_a_checkpoint_does_not_supersede_the_run_it_read(tmp_path):
+    eval_dir = tmp_path / "eval0"
+    fake_run(tmp_path / "a0", 0, 0.8, resumed_by=str(eval_dir))  # `eval_only=true resume=a0` marks a0 as resumed
+    fake_run(tmp_path / "a1", 1, 0.9)
+    fake_run(eval_dir, 0, 0.8, when="2026-11-29T11:00:00", eval_only=True, resumed_from=str(tmp_path / "a0"))
+    results, _, excluded = rows(*find_records([tmp_path])[:2])
+    assert row_of(results)["n"] == 2 and [e["reason"] for e in excluded] == ["eval-only"]
+    fake_run(tmp_path / "b0", 0, 0.85, when="2026-11-29T12:00:00", resumed_from=str(tmp_path / "a0"))
+    fake_run(tmp_path / "a0", 0, 0.8, resumed_by=str(tmp_path / "b0"))  # a run that trained on does replace it
+    results, _, excluded = rows(*find_records([tmp_path])[:2])
+    assert row_of(results)["values"] == [0.85, 0.9]
+    assert sorted(e["reason"] for e in excluded) == ["eval-only", "superseded by the run that resumed it"]
