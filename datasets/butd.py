@@ -1,14 +1,13 @@
 """Data for Bottom-Up and Top-Down attention (Anderson et al. 2018): VQA and captions over region features.
 
 CPU miniature: digit scenes (`mlrun.datasets.scenes`) with questions generated from each scene's layout (count,
-presence, spatial, superlative; ten VQA-style answers each), 2-3 captions per scene, and "bottom-up" region
-boxes: the scene's ground-truth boxes jittered (a stand-in for a detector's detections) padded to a fixed k with
-selective-search proposals that cover background (the paper's fixed 36 boxes also hold non-object regions).
+presence, spatial, superlative; ten VQA-style answers each) and 2-3 captions per scene. The bottom-up regions are
+not data: the model's detector, trained on the training scenes' boxes, proposes them (`mlrun.models.butd`).
 
-Paper scale: VQA v2 questions/annotations JSON with the released bottom-up features, either as the authors' TSV
-(image_id, image_w, image_h, num_boxes, boxes, features; base64 float32) or as one HDF5 file per split
-(`image_ids` [N], `boxes` [N, k, 4], `features` [N, k, D], `image_w`/`image_h` [N]); `tsv_to_hdf5` converts the
-first into the second. COCO captions in Karpathy's split (`dataset_coco.json`).
+Paper scale: VQA v2 questions/annotations JSON and COCO captions in Karpathy's split (`dataset_coco.json`), both
+with the released bottom-up features read as released: the authors' one TSV for train2014 + val2014 (image_id,
+image_w, image_h, num_boxes, boxes, features; base64 float32), indexed once and read a row at a time
+(`FeatureStore`). The miniature's frozen features are written in the same layout (`write_feature_tsv`).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mlrun.datasets.scenes import Scene, box_iou_np, make_scenes
+from mlrun.datasets.scenes import Scene, SceneDataset, make_scenes
 from mlrun.errors import DataError
 from mlrun.task import DataModule
 
@@ -147,40 +146,6 @@ def scene_captions(scene: Scene, rng: np.random.Generator) -> list[str]:
     return [caps[i] for i in order]
 
 
-def region_boxes(scene: Scene, rng: np.random.Generator, k: int = 8, jitter: float = 0.1,
-                 background: str = "selective_search", bg_iou: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
-    """k "detected" boxes for a scene and their labels (digit, or 10 for background).
-
-    The ground-truth boxes jittered by N(0, jitter * side) per coordinate come first (a detector's localisation
-    error), then background boxes overlapping every digit by IoU < bg_iou: selective-search proposals in random
-    order, topped up with random boxes of digit-like size.
-    """
-    canvas = scene.image.shape[0]
-    gt = scene.boxes[:k]
-    side = np.concatenate([gt[:, 2:] - gt[:, :2]] * 2, axis=1) if len(gt) else gt
-    det = np.clip(gt + rng.normal(0, jitter, gt.shape) * side, 0, canvas).astype(np.float32)
-    det[:, 2:] = np.maximum(det[:, 2:], det[:, :2] + 2)
-    need = k - len(det)
-    bg = np.zeros((0, 4), np.float32)
-    if need > 0 and background == "selective_search":
-        from mlrun.models.rcnn import selective_search
-
-        props = selective_search(scene.image, upscale=1.0, k=100, sigma=0.8)
-        props = props[((props[:, 2:] - props[:, :2]) >= 6).all(1)]
-        if len(gt) and len(props):
-            props = props[box_iou_np(props, gt).max(1) < bg_iou]
-        bg = props[rng.permutation(len(props))[:need]]
-    while len(bg) < need:
-        w, h = rng.integers(8, 29, size=2)
-        x, y = rng.integers(0, canvas - w + 1), rng.integers(0, canvas - h + 1)
-        box = np.array([[x, y, x + w, y + h]], np.float32)
-        if not len(gt) or box_iou_np(box, gt).max() < bg_iou:
-            bg = np.concatenate([bg, box])
-    boxes = np.concatenate([det, bg[:need]]).astype(np.float32)
-    labels = np.concatenate([scene.labels[:k], np.full(max(need, 0), 10)]).astype(np.int64)
-    return boxes, labels
-
-
 class SceneQA(Dataset):
     """Questions over scenes. Items: {"scene": index, "question": [L] ids, "target": [A] soft scores,
     "answers": [10] answer ids (-1 when not a candidate), "qtype": index into QTYPES}; plus "features"/"boxes"
@@ -205,24 +170,23 @@ def _qa_item(scene: int, q: dict[str, Any], vocab: dict[str, int], answer_index:
 
 
 class DigitVQA(DataModule):
-    """VQA on digit scenes. The model reads `images(split)` and `regions(split)` once per split to compute
-    (and keep) its frozen features; items point at their scene by index.
+    """VQA on digit scenes. The model reads `scenes(split)`/`images(split)` to train its detector (on the training
+    scenes' boxes and labels) and to compute, once per split, its frozen features; items point at their scene by
+    index.
 
     Args:
         n_train, n_val, n_test: scenes per split (each gives up to one question of every type).
-        k: regions per scene; jitter, background: see `region_boxes`.
+        canvas, seed, scene_kw: the scenes (`mlrun.datasets.scenes.compose_scene`).
         answer_noise: share of the ten answers replaced by random ones.
-        stage_batch: batch sizes for named stages (e.g. the trunk's pretraining).
     """
 
     qtypes = QTYPES
 
-    def __init__(self, n_train: int = 600, n_val: int = 100, n_test: int = 400, canvas: int = 64, seed: int = 0,
-                 k: int = 8, jitter: float = 0.1, background: str = "random", answer_noise: float = 0.0,
-                 max_len: int = 14, batch_size: int | None = 64, eval_batch_size: int | None = 256,
-                 scene_kw: dict | None = None) -> None:
+    def __init__(self, n_train: int = 1000, n_val: int = 100, n_test: int = 400, canvas: int = 64, seed: int = 0,
+                 answer_noise: float = 0.0, max_len: int = 14, batch_size: int | None = 64,
+                 eval_batch_size: int | None = 256, scene_kw: dict | None = None) -> None:
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
-        self.canvas, self.seed, self.k, self.jitter, self.background = canvas, seed, k, jitter, background
+        self.canvas, self.seed = canvas, seed
         self.answer_noise, self.max_len = answer_noise, max_len
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.scene_kw = dict(scene_kw or {})
@@ -235,14 +199,18 @@ class DigitVQA(DataModule):
             raise KeyError(split)
         return make_scenes(split, self.sizes[split], self.seed, self.canvas, **self.scene_kw)
 
+    def scene_key(self, split: str) -> dict[str, Any]:
+        """What a split's scenes depend on (a key for what is computed from them, e.g. a trained detector)."""
+        return {"split": split, "n": self.sizes[split], "seed": self.seed, "canvas": self.canvas,
+                "scene_kw": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(self.scene_kw.items())}}
+
     def _split(self, split: str) -> dict[str, Any]:
         if split not in self._cache:
             scenes = self.scenes(split)
             rng = np.random.default_rng([self.seed, ("train", "val", "test").index(split), 12])
             qs = [scene_questions(s, rng, self.answer_noise) for s in scenes]
-            regions = [region_boxes(s, rng, self.k, self.jitter, self.background) for s in scenes]
             caps = [scene_captions(s, rng) for s in scenes]
-            self._cache[split] = {"questions": qs, "regions": regions, "captions": caps}
+            self._cache[split] = {"questions": qs, "captions": caps}
         return self._cache[split]
 
     @property
@@ -253,11 +221,6 @@ class DigitVQA(DataModule):
     def images(self, split: str) -> torch.Tensor:
         return torch.from_numpy(np.stack([s.image for s in self.scenes(split)]))[:, None]
 
-    def regions(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Boxes [N, k, 4] and region labels [N, k] (10 = background)."""
-        boxes, labels = zip(*self._split(split)["regions"])
-        return torch.from_numpy(np.stack(boxes)), torch.from_numpy(np.stack(labels))
-
     def questions(self, split: str) -> list[list[dict[str, Any]]]:
         return self._split(split)["questions"]
 
@@ -265,92 +228,119 @@ class DigitVQA(DataModule):
         return self._split(split)["captions"]
 
     def dataset(self, split: str, stage: str | None = None) -> Dataset:
-        if stage == "pretrain":  # scenes with their region labels, for the trunk's (detector's) training
-            from torch.utils.data import TensorDataset
-
-            boxes, labels = self.regions(split)
-            return TensorDataset(self.images(split), boxes, labels)
+        if stage == "detector":  # the scenes with their boxes: the detector stage's one step reads them all
+            return SceneDataset(self.scenes(split))
         vocab = {w: i for i, w in enumerate(self.vocab)}
         items = [_qa_item(i, q, vocab, self.answer_index, self.max_len, self.qtypes)
                  for i, qs in enumerate(self.questions(split)) for q in qs]
         return SceneQA(items)
 
     def describe(self) -> dict[str, Any]:
-        return {**{f"{k}_scenes": v for k, v in self.sizes.items()}, "answers": len(self.answers), "k": self.k}
+        return {**{f"{k}_scenes": v for k, v in self.sizes.items()}, "answers": len(self.answers)}
 
 
-# ------------------------------------------------------------------------------------ paper scale: VQA v2
+# ------------------------------------------------------------------------------------ paper scale: features
 
-VQA_FILES = {"train": "train2014", "val": "val2014"}
+FEATURES_TSV = "trainval_36/trainval_resnet101_faster_rcnn_genome_36.tsv"
+"""The authors' released 36-box features of COCO train2014 + val2014 (github.com/peteanderson80/bottom-up-attention,
+trainval_36.zip), relative to the data root: one file read by both the VQA v2 and the COCO captions loaders."""
 TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
+FEATURES_HOW = ("Get trainval_36.zip (the 36-box bottom-up features of COCO train2014 + val2014) from "
+                "github.com/peteanderson80/bottom-up-attention and unzip it under the data root, or point "
+                "dataset.features at the .tsv")
 
 
-def read_feature_tsv(path: str | Path) -> dict[str, np.ndarray]:
-    """The authors' released bottom-up features (one image a line, boxes/features as base64 float32)."""
+def write_feature_tsv(path: str | Path, rows: Any) -> Path:
+    """Rows {image_id, image_w, image_h, boxes [k, 4] pixels, features [k, D]} as the authors' TSV (one line per
+    image, boxes and features as base64 float32), written one row at a time."""
     import base64
-    import csv
-    import sys
-
-    csv.field_size_limit(sys.maxsize)
-    ids, ws, hs, boxes, feats = [], [], [], [], []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f, delimiter="\t", fieldnames=TSV_FIELDS):
-            n = int(row["num_boxes"])
-            ids.append(int(row["image_id"]))
-            ws.append(int(row["image_w"]))
-            hs.append(int(row["image_h"]))
-            boxes.append(np.frombuffer(base64.b64decode(row["boxes"]), dtype=np.float32).reshape(n, 4))
-            feats.append(np.frombuffer(base64.b64decode(row["features"]), dtype=np.float32).reshape(n, -1))
-    return {"image_ids": np.array(ids, np.int64), "image_w": np.array(ws, np.int64),
-            "image_h": np.array(hs, np.int64), "boxes": np.stack(boxes), "features": np.stack(feats)}
-
-
-def write_features_hdf5(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
-    """Our one feature layout (per split): image_ids [N], image_w/image_h [N], boxes [N, k, 4], features [N, k, D]."""
-    import h5py
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        for key, value in arrays.items():
-            f.create_dataset(key, data=value)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        for r in rows:
+            boxes = np.ascontiguousarray(r["boxes"], dtype=np.float32)
+            feats = np.ascontiguousarray(r["features"], dtype=np.float32)
+            f.write("\t".join([str(int(r["image_id"])), str(int(r["image_w"])), str(int(r["image_h"])),
+                               str(len(boxes)), base64.b64encode(boxes.tobytes()).decode(),
+                               base64.b64encode(feats.tobytes()).decode()]) + "\n")
+    tmp.replace(path)
     return path
 
 
-def tsv_to_hdf5(tsv: str | Path, out: str | Path) -> Path:
-    return write_features_hdf5(out, read_feature_tsv(tsv))
+def index_feature_tsv(path: str | Path) -> dict[int, int]:
+    """{image id: byte offset of its row}, found by one streaming pass over the TSV (memory: one row at a time) and
+    kept beside it as `<file>.index.npy` (rebuilt when the TSV's size or time changes; kept in memory only where
+    the folder is read-only)."""
+    path = Path(path)
+    st = path.stat()
+    cache = path.with_name(path.name + ".index.npy")
+    if cache.exists():
+        arr = np.load(cache)
+        if arr.shape[0] >= 1 and tuple(arr[0]) == (st.st_size, st.st_mtime_ns):
+            return dict(zip(arr[1:, 0].tolist(), arr[1:, 1].tolist()))
+    ids, offsets = [], []
+    with open(path, "rb") as f:
+        offset = 0
+        for line in f:
+            ids.append(int(line[: line.index(b"\t")]))
+            offsets.append(offset)
+            offset += len(line)
+    arr = np.array([[st.st_size, st.st_mtime_ns], *zip(ids, offsets)], dtype=np.int64).reshape(-1, 2)
+    try:
+        np.save(cache, arr)
+    except OSError:
+        pass
+    return dict(zip(ids, offsets))
 
 
 class FeatureStore:
-    """Reads precomputed features lazily from one or more HDF5 files in our layout (COCO's train2014 and val2014
-    images live in separate files); each file is opened in each worker on first use."""
+    """The released bottom-up features read as released: the authors' TSV (image_id, image_w, image_h, num_boxes,
+    boxes, features), indexed once (`index_feature_tsv`) and read a row at a time; the file is opened in each
+    DataLoader worker on first use."""
 
-    def __init__(self, *paths: Path) -> None:
-        import h5py
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DataError(self.path, "the authors' bottom-up features TSV (image_id, image_w, image_h, num_boxes, "
+                                       "boxes, features)", FEATURES_HOW)
+        self.index = index_feature_tsv(self.path)
+        self._file: Any = None
 
-        self.paths = list(paths)
-        self.index: dict[int, tuple[int, int]] = {}
-        wh = []
-        for p, path in enumerate(self.paths):
-            with h5py.File(path, "r") as f:
-                self.index.update({int(i): (p, n) for n, i in enumerate(f["image_ids"][:])})
-                wh.append(np.stack([f["image_w"][:], f["image_h"][:]], 1).astype(np.float32))
-        self.image_wh = wh
-        self._files: list[Any] | None = None
+    def __contains__(self, image_id: int) -> bool:
+        return int(image_id) in self.index
+
+    def check(self, image_ids: Any, what: str) -> None:
+        """One clear error for images of `what` without a feature row (found when the split is built, not in a
+        DataLoader worker)."""
+        missing = sorted({int(i) for i in image_ids} - self.index.keys())
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DataError(self.path, f"a feature row for image id {missing[0]}{more} of {what}",
+                            "these features do not cover the split's images")
+
+    def row(self, image_id: int) -> dict[str, Any]:
+        """One image's row: image_w, image_h, boxes [k, 4] (pixels), features [k, D], float32."""
+        import base64
+
+        if self._file is None:
+            self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for the worker's life
+        self._file.seek(self.index[int(image_id)])
+        fields = self._file.readline().rstrip(b"\r\n").split(b"\t")
+        n = int(fields[3])
+        return {"image_w": int(fields[1]), "image_h": int(fields[2]),
+                "boxes": np.frombuffer(base64.b64decode(fields[4]), dtype=np.float32).reshape(n, 4),
+                "features": np.frombuffer(base64.b64decode(fields[5]), dtype=np.float32).reshape(n, -1)}
 
     def __call__(self, image_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Features [k, D] and boxes [k, 4] normalised to [0, 1] by the image's size."""
-        import h5py
-
-        if self._files is None:
-            self._files = [h5py.File(path, "r") for path in self.paths]
-        p, n = self.index[image_id]
-        boxes = torch.from_numpy(self._files[p]["boxes"][n].astype(np.float32))
-        wh = torch.from_numpy(self.image_wh[p][n]).repeat(2)
-        return torch.from_numpy(self._files[p]["features"][n].astype(np.float32)), boxes / wh
+        r = self.row(image_id)
+        wh = torch.tensor([r["image_w"], r["image_h"]] * 2, dtype=torch.float32)
+        return torch.from_numpy(r["features"].copy()), torch.from_numpy(r["boxes"].copy()) / wh
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_files": None}
+        return {**self.__dict__, "_file": None}
 
 
 class FeatureQA(Dataset):
@@ -366,88 +356,155 @@ class FeatureQA(Dataset):
         return item
 
 
+def _features_path(root: Path, features: str) -> Path:
+    path = Path(features).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+# ------------------------------------------------------------------------------------ paper scale: VQA v2
+
+VQA_FILES = {"train": "train2014", "val": "val2014"}
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+
+
 def normalize_answer(a: str) -> str:
-    """Lower-case, strip punctuation at the ends and articles, number words to digits (VQA's evaluation, short)."""
-    words = [w for w in tokenize(a.replace(",", "")) if w not in ("a", "an", "the")]
-    return " ".join(str(NUMBER_WORDS.index(w)) if w in NUMBER_WORDS else w for w in words)
+    """The VQA answer normalisation of the authors' re-implementation (hengyuan-hu/bottom-up-attention-vqa,
+    `preprocess_answer`), without its contractions table: punctuation dropped (joined when next to a space, else a
+    space), full stops dropped except in numbers, lower case, number words to digits, articles dropped, commas
+    dropped."""
+    text = a
+    for p in _PUNCT:
+        if f"{p} " in a or f" {p}" in a or re.search(r"\d,\d", a):
+            text = text.replace(p, "")
+        else:
+            text = text.replace(p, " ")
+    text = re.sub(r"\.(?!\d)", "", text)  # the reference's pattern, in effect
+    words = [_NUMBERS.get(w, w) for w in text.lower().split()]
+    return " ".join(w for w in words if w not in ("a", "an", "the")).replace(",", "")
+
+
+def filter_answers(annotations: list[dict[str, Any]], min_occurrence: int = 9) -> list[str]:
+    """The candidate answers as hengyuan-hu's `filter_answers`: each question's consensus answer
+    (`multiple_choice_answer`, normalised); those that are the consensus of at least `min_occurrence` questions
+    (3,129 over VQA v2 train + val with 9), sorted."""
+    questions: dict[str, set] = {}
+    for a in annotations:
+        questions.setdefault(normalize_answer(a["multiple_choice_answer"]), set()).add(a["question_id"])
+    return sorted(ans for ans, qs in questions.items() if len(qs) >= min_occurrence)
 
 
 class VQA2(DataModule):
-    """VQA v2 with precomputed bottom-up features. Layout under root:
+    """VQA v2 with the released bottom-up features. Layout (the public releases' names):
 
-        v2_OpenEnded_mscoco_{train2014,val2014}_questions.json, v2_mscoco_{train2014,val2014}_annotations.json,
-        features/{train,val}.h5   (see `write_features_hdf5`; `tsv_to_hdf5` converts the authors' TSV)
+        <root>/<folder>/v2_OpenEnded_mscoco_{train2014,val2014}_questions.json
+        <root>/<folder>/v2_mscoco_{train2014,val2014}_annotations.json
+        <root>/<features>   (default trainval_36/trainval_resnet101_faster_rcnn_genome_36.tsv: train2014 and
+                             val2014 in one file, as released; `FeatureStore`)
 
-    Candidate answers: training answers given at least `min_answer_count` times (the paper's 9, about 3k).
-    'test' is val2014 (the paper's single-model number is on val); there is no separate 'val'.
+    Candidate answers: `filter_answers` over the annotations of `answer_splits` (the authors' re-implementation
+    counts train + val: 3,129 answers); the model's classifier is sized from them. 'test' is val2014 (the paper's
+    single-model number is on val); there is no separate 'val'.
     """
 
     qtypes = ("yes/no", "number", "other")
 
-    def __init__(self, root: str | None = None, min_answer_count: int = 9, max_len: int = 14,
+    def __init__(self, root: str | None = None, folder: str = "vqa2", features: str = FEATURES_TSV,
+                 min_answer_count: int = 9, answer_splits: tuple[str, ...] = ("train", "val"), max_len: int = 14,
                  batch_size: int | None = 512, eval_batch_size: int | None = 512) -> None:
         from mlrun.datasets.vision import data_root
 
-        self.root = data_root(root) / "vqa2"
-        self.min_answer_count, self.max_len = min_answer_count, max_len
+        base = data_root(root)
+        self.root = base / folder
+        self.features = _features_path(base, features)
+        self.min_answer_count, self.answer_splits, self.max_len = min_answer_count, tuple(answer_splits), max_len
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self._qa: dict[str, list[dict[str, Any]]] = {}
+        self._annotations: dict[str, list[dict[str, Any]]] = {}
+        self._store: FeatureStore | None = None
+
+    def _paths(self, split: str) -> tuple[Path, Path]:
+        name = VQA_FILES[split]
+        return (self.root / f"v2_OpenEnded_mscoco_{name}_questions.json",
+                self.root / f"v2_mscoco_{name}_annotations.json")
+
+    def _annotations_of(self, split: str) -> list[dict[str, Any]]:
+        if split not in self._annotations:
+            for p in self._paths(split):
+                if not p.exists():
+                    raise DataError(p, "the VQA v2 questions and annotations JSON (v2_OpenEnded_mscoco_<split>"
+                                       "_questions.json, v2_mscoco_<split>_annotations.json)",
+                                    "Get them from visualqa.org/download.html (or set dataset.folder)")
+            self._annotations[split] = json.loads(self._paths(split)[1].read_text())["annotations"]
+        return self._annotations[split]
 
     def _load(self, split: str) -> list[dict[str, Any]]:
         if split not in self._qa:
-            name = VQA_FILES[split]
-            qpath = self.root / f"v2_OpenEnded_mscoco_{name}_questions.json"
-            apath = self.root / f"v2_mscoco_{name}_annotations.json"
-            for p in (qpath, apath, self.root / "features" / f"{split}.h5"):
-                if not p.exists():
-                    raise DataError(p, "VQA v2 questions/annotations JSON and features/{train,val}.h5",
-                                    "Get the JSON from visualqa.org/download.html and the 36-box bottom-up features "
-                                    "(trainval_36 TSV) from github.com/peteanderson80/bottom-up-attention, then "
-                                    "mlrun.datasets.butd.tsv_to_hdf5(tsv, root/'vqa2/features/<split>.h5')")
-            questions = {q["question_id"]: q for q in json.loads(qpath.read_text())["questions"]}
+            annotations = self._annotations_of(split)
+            questions = {q["question_id"]: q for q in json.loads(self._paths(split)[0].read_text())["questions"]}
             self._qa[split] = [
                 {"image_id": a["image_id"], "question": questions[a["question_id"]]["question"],
                  "answers": [normalize_answer(x["answer"]) for x in a["answers"]], "type": a["answer_type"]}
-                for a in json.loads(apath.read_text())["annotations"]]
+                for a in annotations]
         return self._qa[split]
 
-    @property
+    @cached_property
     def answers(self) -> list[str]:
-        counts = Counter(a for q in self._load("train") for a in q["answers"])
-        return sorted(a for a, c in counts.items() if c >= self.min_answer_count)
+        return filter_answers([a for s in self.answer_splits for a in self._annotations_of(s)],
+                              self.min_answer_count)
 
-    @property
+    @cached_property
     def vocab(self) -> list[str]:
         return build_vocab([q["question"] for q in self._load("train")])
+
+    def store(self) -> FeatureStore:
+        if self._store is None:
+            self._store = FeatureStore(self.features)
+        return self._store
 
     def dataset(self, split: str, stage: str | None = None) -> Dataset:
         if split not in ("train", "test"):  # the paper reports val2014 as its held-out split: our 'test'
             raise KeyError(split)
         split = {"test": "val", "train": "train"}[split]
+        qa = self._load(split)
+        store = self.store()
+        store.check((q["image_id"] for q in qa), f"VQA v2 {VQA_FILES[split]}")
         vocab = {w: i for i, w in enumerate(self.vocab)}
         answer_index = {a: i for i, a in enumerate(self.answers)}
         items = []
-        for q in self._load(split):
+        for q in qa:
             item = _qa_item(-1, q, vocab, answer_index, self.max_len, self.qtypes)
             item["image_id"] = q["image_id"]
             items.append(item)
-        return FeatureQA(items, FeatureStore(self.root / "features" / f"{split}.h5"))
+        return FeatureQA(items, store)
 
     def describe(self) -> dict[str, Any]:
         return {"answers": len(self.answers)}
 
 
+def _fixture_rows(ids: list[int], rng: np.random.Generator, k: int, dim: int) -> list[dict[str, Any]]:
+    rows = []
+    for image_id in ids:
+        xy = rng.uniform(0, 300, (k, 2)).astype(np.float32)
+        boxes = np.concatenate([xy, xy + rng.uniform(10, 100, (k, 2)).astype(np.float32)], 1)
+        rows.append({"image_id": image_id, "image_w": 640, "image_h": 480, "boxes": boxes,
+                     "features": rng.random((k, dim)).astype(np.float32)})
+    return rows
+
+
 def write_vqa2_fixture(root: str | Path, n_images: int = 3, k: int = 36, dim: int = 16) -> Path:
-    """A tiny VQA v2 in the real layout: both JSON files per split and the features as the authors' TSV
-    converted to HDF5 (the TSV is kept beside it)."""
-    root = Path(root) / "vqa2"
-    (root / "features").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    """A tiny VQA v2 in the public layouts: the four JSON files under vqa2/ with their released names, and one
+    feature TSV for train2014 + val2014 at trainval_36/trainval_resnet101_faster_rcnn_genome_36.tsv."""
+    root = Path(root)
+    folder = root / "vqa2"
+    folder.mkdir(parents=True, exist_ok=True)
     templates = [("how many dogs are there?", "two", "number"), ("is it raining?", "yes", "yes/no"),
                  ("what color is the bus?", "red", "other"), ("is there a cat?", "no", "yes/no")]
-    qid = 0
+    qid, all_ids = 0, []
     for split, name in VQA_FILES.items():
         ids = [100 + i + (1000 if split == "val" else 0) for i in range(n_images)]
+        all_ids += ids
         questions, annotations = [], []
         for image_id in ids:
             for text, answer, atype in templates:
@@ -458,25 +515,13 @@ def write_vqa2_fixture(root: str | Path, n_images: int = 3, k: int = 36, dim: in
                                     "question_type": " ".join(text.split()[:2]), "multiple_choice_answer": answer,
                                     "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
                                                 for j, a in enumerate(answers)]})
-        (root / f"v2_OpenEnded_mscoco_{name}_questions.json").write_text(json.dumps({"questions": questions}))
-        (root / f"v2_mscoco_{name}_annotations.json").write_text(json.dumps({"annotations": annotations}))
-        _write_feature_fixture(root / "features" / f"{split}.h5", ids, rng, k, dim)
-    return root.parent
-
-
-def _write_feature_fixture(out: Path, ids: list[int], rng: np.random.Generator, k: int, dim: int) -> Path:
-    """Random boxes and features for `ids` as the authors' TSV (kept beside), converted to our HDF5 layout."""
-    import base64
-
-    tsv = out.with_name(out.stem + "_36.tsv")
-    with open(tsv, "w") as f:
-        for image_id in ids:
-            xy = rng.uniform(0, 300, (k, 2)).astype(np.float32)
-            boxes = np.concatenate([xy, xy + rng.uniform(10, 100, (k, 2)).astype(np.float32)], 1)
-            feats = rng.random((k, dim)).astype(np.float32)
-            f.write("\t".join([str(image_id), "640", "480", str(k), base64.b64encode(boxes.tobytes()).decode(),
-                               base64.b64encode(feats.tobytes()).decode()]) + "\n")
-    return tsv_to_hdf5(tsv, out)
+        (folder / f"v2_OpenEnded_mscoco_{name}_questions.json").write_text(
+            json.dumps({"info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "license": {},
+                        "data_subtype": name, "questions": questions}))
+        (folder / f"v2_mscoco_{name}_annotations.json").write_text(
+            json.dumps({"info": {}, "license": {}, "data_subtype": name, "annotations": annotations}))
+    write_feature_tsv(root / FEATURES_TSV, _fixture_rows(all_ids, np.random.default_rng(0), k, dim))
+    return root
 
 
 # ------------------------------------------------------------------------------------ digit-scene captions
@@ -510,7 +555,7 @@ class DigitCaptions(DigitVQA):
         return refs[split]
 
     def dataset(self, split: str, stage: str | None = None) -> Dataset:
-        if stage == "pretrain":
+        if stage == "detector":
             return super().dataset(split, stage)
         if split != "train" or stage == "scst":  # evaluation and self-critical training go by scene
             return SceneQA([{"scene": i} for i in range(len(self.captions(split)))])
@@ -537,40 +582,41 @@ KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("tes
 
 
 class COCOCaptions(DataModule):
-    """COCO captions on Karpathy's split (113,287 train incl. restval / 5,000 val / 5,000 test images) with
-    precomputed bottom-up features. Layout under root:
+    """COCO captions on Karpathy's split (113,287 train incl. restval / 5,000 val / 5,000 test images) with the
+    released bottom-up features. Layout (the public releases' names):
 
-        coco/dataset_coco.json                  Karpathy's split file: images[{cocoid, filepath, split,
-                                                sentences[{tokens, raw}]}]
-        coco/features/{train2014,val2014}.h5    our feature layout (`write_features_hdf5`; `tsv_to_hdf5` converts
-                                                the authors' trainval_36 TSV, split by the images' COCO folder)
+        <root>/<folder>/dataset_coco.json   Karpathy's split file (caption_datasets.zip): images[{cocoid, filepath,
+                                            split, sentences[{tokens, raw}]}]
+        <root>/<features>                   the same file as VQA v2's (default
+                                            trainval_36/trainval_resnet101_faster_rcnn_genome_36.tsv: train2014 and
+                                            val2014 in one TSV, as released; `FeatureStore`)
 
     Words seen fewer than `min_word_count` times in training captions become <unk> (Karpathy's 5); captions are
     cut to `max_len` words. Training items are (image, caption) pairs, all of an image's captions; evaluation
-    items, and training items of the `scst` stage, are images scored against all their references.
-    `features` names the folder of feature files: the ResNet grid baseline is the same layout with the grid's
-    cells as boxes (for example `features=features_resnet_grid`).
+    items, and training items of the `scst` stage, are images scored against all their references. The ResNet
+    grid baseline is the same layout with the grid's cells as boxes (`features=<its tsv>`).
     """
 
-    def __init__(self, root: str | None = None, min_word_count: int = 5, max_len: int = 16,
-                 features: str = "features", batch_size: int | None = 50, eval_batch_size: int | None = 100) -> None:
+    def __init__(self, root: str | None = None, folder: str = "coco", features: str = FEATURES_TSV,
+                 min_word_count: int = 5, max_len: int = 16, batch_size: int | None = 50,
+                 eval_batch_size: int | None = 100) -> None:
         from mlrun.datasets.vision import data_root
 
-        self.root = data_root(root) / "coco"
-        self.features = features
+        base = data_root(root)
+        self.root = base / folder
+        self.features = _features_path(base, features)
         self.min_word_count, self.caption_len = min_word_count, max_len
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self._images: list[dict[str, Any]] | None = None
+        self._store: FeatureStore | None = None
 
     def _split(self, split: str) -> list[dict[str, Any]]:
         if self._images is None:
             path = self.root / "dataset_coco.json"
             if not path.exists():
-                raise DataError(path, "Karpathy's dataset_coco.json and features/{train2014,val2014}.h5",
-                                "Get dataset_coco.json from cs.stanford.edu/people/karpathy/deepimagesent "
-                                "(caption_datasets.zip) and the 36-box bottom-up features (trainval_36 TSV) from "
-                                "github.com/peteanderson80/bottom-up-attention, then "
-                                "mlrun.datasets.butd.tsv_to_hdf5(tsv, root/'coco/features/<train2014|val2014>.h5')")
+                raise DataError(path, "Karpathy's dataset_coco.json",
+                                "Get it from cs.stanford.edu/people/karpathy/deepimagesent (caption_datasets.zip), "
+                                "or set dataset.folder")
             self._images = json.loads(path.read_text())["images"]
         return [im for im in self._images if im["split"] in KARPATHY_SPLITS[split]]
 
@@ -588,13 +634,9 @@ class COCOCaptions(DataModule):
 
     def dataset(self, split: str, stage: str | None = None) -> Dataset:
         images = self._split(split)
-        folders = sorted({Path(im["filepath"]).name for im in images})
-        paths = [self.root / self.features / f"{name}.h5" for name in folders]
-        for p in paths:
-            if not p.exists():
-                raise DataError(p, "features/{train2014,val2014}.h5 in our layout",
-                                "convert the authors' trainval_36 TSV with mlrun.datasets.butd.tsv_to_hdf5")
-        store = FeatureStore(*paths)
+        if self._store is None:
+            self._store = FeatureStore(self.features)
+        self._store.check((im["cocoid"] for im in images), f"Karpathy's {split} split")
         if split == "train" and stage != "scst":
             vocab = {w: i for i, w in enumerate(self.vocab)}
             items = [{"scene": i, "image_id": im["cocoid"],
@@ -602,31 +644,31 @@ class COCOCaptions(DataModule):
                      for i, im in enumerate(images) for s in im["sentences"]]
         else:
             items = [{"scene": i, "image_id": im["cocoid"]} for i, im in enumerate(images)]
-        return FeatureQA(items, store)
+        return FeatureQA(items, self._store)
 
     def describe(self) -> dict[str, Any]:
         return {"images": {s: len(self._split(s)) for s in KARPATHY_SPLITS}, "words": len(self.vocab)}
 
 
 def write_coco_caption_fixture(root: str | Path, n_images: int = 8, k: int = 36, dim: int = 16) -> Path:
-    """A tiny COCO-captions in the real layout: Karpathy's dataset_coco.json (all four splits, five sentences an
-    image) and train2014/val2014 features written as the authors' TSV and converted to HDF5."""
-    root = Path(root) / "coco"
+    """A tiny COCO-captions in the public layouts: Karpathy's coco/dataset_coco.json (all four splits, five
+    sentences an image, images from train2014 and val2014) and one feature TSV for both folders at
+    trainval_36/trainval_resnet101_faster_rcnn_genome_36.tsv."""
+    root = Path(root)
     rng = np.random.default_rng(0)
     subjects = ["a man", "a dog", "two cats", "a red bus", "a woman"]
     verbs = ["riding a bike", "sitting on a bench", "standing in the grass", "parked on a street"]
     splits = ["train", "restval", "val", "test"]
-    images, folders = [], {"train2014": [], "val2014": []}
+    images = []
     for i in range(n_images):
         folder = "train2014" if i % 2 == 0 else "val2014"
         cocoid = 500 + i
         sentences = [f"{subjects[(i + j) % len(subjects)]} {verbs[(i * j) % len(verbs)]}" for j in range(5)]
         images.append({"cocoid": cocoid, "filepath": folder, "filename": f"COCO_{folder}_{cocoid:012d}.jpg",
                        "split": splits[i % len(splits)], "imgid": i,
-                       "sentences": [{"raw": s.capitalize() + ".", "tokens": s.split()} for s in sentences]})
-        folders[folder].append(cocoid)
-    (root / "features").mkdir(parents=True, exist_ok=True)
-    (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
-    for folder, ids in folders.items():
-        _write_feature_fixture(root / "features" / f"{folder}.h5", ids, rng, k, dim)
-    return root.parent
+                       "sentences": [{"raw": s.capitalize() + ".", "tokens": s.split(), "imgid": i,
+                                      "sentid": 5 * i + j} for j, s in enumerate(sentences)]})
+    (root / "coco").mkdir(parents=True, exist_ok=True)
+    (root / "coco" / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+    write_feature_tsv(root / FEATURES_TSV, _fixture_rows([im["cocoid"] for im in images], rng, k, dim))
+    return root

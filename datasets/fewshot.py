@@ -3,12 +3,16 @@ ProtoNets, MAML and iMAML.
 
 - `EpisodeDataset`: item i is one episode (or a meta-batch of T tasks), drawn deterministically from
   (seed, i), so a resumed run, a rerun and every run of a study see the same episodes.
-- `FewShotDigits` (CPU miniature): meta-train on digits 0-4 with their 90/180/270 rotations as extra
-  classes; validate and test on the unseen digits 5-9.
+- `FewShotDigits` (CPU miniature): meta-train on digits 0-4 with their 90/180 rotations as extra classes;
+  validate on the held-out 270-degree rotations of digits 0-4 (classes disjoint from training and test, as the
+  papers treat Omniglot rotations as classes); test on the unseen digits 5-9.
 - `Omniglot` (torchvision's `omniglot-py/images_{background,evaluation}` folders, read directly because
   torchvision's class checks the md5 of the release zips) with rotations as new classes and the Vinyals
-  split; `MiniImageNet` (Ravi & Larochelle CSVs + images/, resized to 84x84).
+  split (shipped with mlrun in `splits/omniglot_vinyals/`, see its SOURCE.md); `MiniImageNet` (Ravi &
+  Larochelle CSVs + images/, resized to 84x84; the folder found under any of its usual spellings).
 - `write_omniglot_fixture`, `write_miniimagenet_fixture`: tiny sets in exactly those layouts.
+- Two-phase training (select the length on val, retrain on train+val, ProtoNets' protocol): in the stages named
+  by `trainval_stages` the train split is train+val and there is no val split.
 
 Evaluation episodes are drawn with a fixed `eval_seed`, independent of the run's seed, so every run of a
 study is scored on the same 600 test episodes (a paired comparison). Training episodes follow the run's
@@ -112,13 +116,29 @@ def episode_setting(episode: dict[str, Tensor]) -> tuple[int, int]:
     return n_way, len(y) // n_way
 
 
+class _Chain(Sequence):
+    """Several image sequences read as one (train+val of lazily loaded images)."""
+
+    def __init__(self, parts: list[Sequence]) -> None:
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> Tensor:  # type: ignore[override]
+        j = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[j][i - int(self.offsets[j])]
+
+
 class _EpisodicData(DataModule):
     """Shared episode plumbing: train episodes (run seed), val/test episodes (fixed eval seed), one
     EpisodeDataset per test way (20-way and 5-way from one trained model, as the papers report).
 
     Training episodes are `train_way`-way (default n_way; a {shot: way} mapping picks it by shot),
     `train_shot`-shot (default k_shot) with `q_queries` queries; val/test are `test_ways` x `test_shot`
-    (default k_shot) with `test_queries` (default q_queries)."""
+    (default k_shot) with `test_queries` (default q_queries). In the stages named in `trainval_stages` the train
+    split is the union of the train and val classes and the val split is absent (its classes are trained on)."""
 
     batch_size = None
     eval_batch_size = None
@@ -127,8 +147,9 @@ class _EpisodicData(DataModule):
     def __init__(self, n_way: int, k_shot: int, q_queries: int, train_episodes: int, test_episodes: int,
                  tasks_per_item: int, seed: int, train_way: int | Mapping[int, int] | None, train_shot: int | None,
                  test_ways: list[int] | None, test_shot: int | None, test_queries: int | None, val_episodes: int,
-                 eval_seed: int) -> None:
+                 eval_seed: int, trainval_stages: Sequence[str] = ()) -> None:
         self.n_way, self.k_shot, self.q_queries = n_way, k_shot, q_queries
+        self.trainval_stages = tuple(trainval_stages)
         if isinstance(train_way, Mapping):  # the paper's training way per shot, e.g. {1: 30, 5: 20} on miniImageNet
             train_way = {int(k): v for k, v in train_way.items()}[int(train_shot or k_shot)]
         self.train_way, self.train_shot = train_way or n_way, train_shot or k_shot
@@ -139,12 +160,29 @@ class _EpisodicData(DataModule):
         self.pools: dict[str, tuple[Any, Tensor, list[int]]] = {}  # split -> (images, labels, classes)
         self._cache: dict[str, Dataset] = {}
 
+    def _trainval_pool(self) -> tuple[Any, Tensor, list[int]]:
+        """The train and val classes together (val's labels shifted past train's where their ids overlap)."""
+        if "trainval" not in self.pools:
+            (xt, yt, ct), (xv, yv, cv) = self.pools["train"], self.pools["val"]
+            shift = max(ct) + 1 if set(ct) & set(cv) else 0
+            images = torch.cat([xt, xv]) if isinstance(xt, Tensor) else _Chain([xt, xv])
+            self.pools["trainval"] = (images, torch.cat([yt, yv + shift]), list(ct) + [c + shift for c in cv])
+        return self.pools["trainval"]
+
     def dataset(self, split: str, stage: str | None = None) -> Dataset:
+        if stage in self.trainval_stages:
+            if split == "val":
+                raise KeyError("val: its classes are part of the training split in this stage")
+            if split == "train":
+                if "val" not in self.pools:
+                    raise KeyError(f"stage {stage!r} trains on train+val, but this data has no val split")
+                self._trainval_pool()
+                split = "trainval"
         if split not in self.pools:
             raise KeyError(split)
         if split not in self._cache:
             images, labels, classes = self.pools[split]
-            if split == "train":
+            if split in ("train", "trainval"):
                 ds: Dataset = EpisodeDataset(images, labels, classes, self.train_way, self.train_shot,
                                              self.q_queries, self.train_episodes, self.seed, self.tasks_per_item)
             else:
@@ -157,21 +195,22 @@ class _EpisodicData(DataModule):
         return self._cache[split]
 
     def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {f"{k}_classes": len(v[2]) for k, v in self.pools.items()}
-        out.update({f"{k}_images": len(v[1]) for k, v in self.pools.items()})
+        out: dict[str, Any] = {f"{k}_classes": len(v[2]) for k, v in self.pools.items() if k != "trainval"}
+        out.update({f"{k}_images": len(v[1]) for k, v in self.pools.items() if k != "trainval"})
         out.update(train_way=self.train_way, train_shot=self.train_shot, test_ways=self.test_ways,
                    test_shot=self.test_shot, test_queries=self.test_queries, test_episodes=self.test_episodes)
         return out
 
 
-def _with_rotations(images: Tensor, labels: Tensor, rotations: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """Each rotation by r degrees (counter-clockwise) makes new classes: label * len(rotations) + r index."""
+def _rotation_classes(images: Tensor, labels: Tensor, rotations: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Images rotated by each r in `rotations` (degrees, counter-clockwise), each (label, r) a class of its own:
+    label * 4 + the index of r in 0/90/180/270, so a class keeps its id whichever rotations a split takes."""
     xs, ys = [], []
-    for j, r in enumerate(rotations):
-        if r % 90:
-            raise ValueError(f"rotation {r}: only multiples of 90 degrees")
+    for r in rotations:
+        if r not in ROTATIONS:
+            raise ValueError(f"rotation {r}: expected one of {list(ROTATIONS)}")
         xs.append(torch.rot90(images, r // 90, dims=(-2, -1)))
-        ys.append(labels * len(rotations) + j)
+        ys.append(labels * len(ROTATIONS) + ROTATIONS.index(r))
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -181,10 +220,12 @@ def _with_rotations(images: Tensor, labels: Tensor, rotations: Sequence[int]) ->
 class FewShotDigits(_EpisodicData):
     """Few-shot learning on scikit-learn's 8x8 digits (1x8x8 in [0, 1]), offline and in seconds.
 
-    Meta-train classes: `train_digits` (0-4) and, with `rotations`, their 90/180/270 rotations as extra
-    classes (20 classes). Val and test: the unseen `test_digits` (5-9), unrotated; val draws from the images
-    in the fixed digits split's 'val' part, test from the rest (about 150 images per digit), so episodes
-    used for model selection never share an image with test episodes.
+    Each (digit, rotation) pair is a class, as the papers treat Omniglot rotations (label = digit * 4 + the
+    rotation's index in 0/90/180/270). Meta-train classes: `train_digits` (0-4) at every rotation except
+    `val_rotations` (with `rotations`; else unrotated only). Val: the same digits at `val_rotations` (270 degrees),
+    classes never trained on and disjoint from the test digits, so choosing anything on val never looks at a test
+    class. Test: the unseen `test_digits` (5-9), unrotated, all their images (about 180 per digit).
+    `val_rotations=[]` leaves no val split.
     """
 
     def __init__(self, n_way: int = 5, k_shot: int = 1, q_queries: int = 15, train_episodes: int = 100_000,
@@ -193,36 +234,51 @@ class FewShotDigits(_EpisodicData):
                  train_shot: int | None = None, test_ways: list[int] | None = None, test_shot: int | None = None,
                  test_queries: int | None = None, val_episodes: int = 100, eval_seed: int = 1234,
                  train_digits: Sequence[int] = (0, 1, 2, 3, 4), test_digits: Sequence[int] = (5, 6, 7, 8, 9),
-                 rotations: bool = True) -> None:
-        from mlrun.datasets.digits import load_digits_arrays, split_indices
+                 rotations: bool = True, val_rotations: Sequence[int] = (270,),
+                 trainval_stages: Sequence[str] = ()) -> None:
+        from mlrun.datasets.digits import load_digits_arrays
 
         super().__init__(n_way, k_shot, q_queries, train_episodes, test_episodes, tasks_per_item, seed, train_way,
-                         train_shot, test_ways, test_shot, test_queries, val_episodes, eval_seed)
+                         train_shot, test_ways, test_shot, test_queries, val_episodes, eval_seed, trainval_stages)
         if set(train_digits) & set(test_digits):
             raise ValueError(f"train_digits {list(train_digits)} and test_digits {list(test_digits)} share classes")
+        val_rotations = [int(r) for r in val_rotations]
+        if bad := [r for r in val_rotations if r not in ROTATIONS]:
+            raise ValueError(f"val_rotations {bad}: expected some of {list(ROTATIONS)}")
+        train_rotations = [r for r in (ROTATIONS if rotations else (0,)) if r not in val_rotations]
+        if not train_rotations:
+            raise ValueError(f"val_rotations {val_rotations} leave no rotation to train on")
         x, y = load_digits_arrays()
         x = torch.from_numpy(x / 16.0).float().unsqueeze(1)
         y = torch.from_numpy(y)
-        tr = torch.isin(y, torch.tensor(list(train_digits)))
-        xt, yt = x[tr], y[tr]
-        if rotations:
-            xt, yt = _with_rotations(xt, yt, ROTATIONS)
-        self.pools["train"] = (xt, yt, sorted(set(yt.tolist())))
-        val_mask = torch.zeros(len(y), dtype=torch.bool)
-        val_mask[torch.from_numpy(split_indices()["val"])] = True
+        seen = torch.isin(y, torch.tensor(list(train_digits)))
+        for split, rots in (("train", train_rotations), ("val", val_rotations)):
+            if rots:
+                xs, ys = _rotation_classes(x[seen], y[seen], rots)
+                self.pools[split] = (xs, ys, sorted(set(ys.tolist())))
         unseen = torch.isin(y, torch.tensor(list(test_digits)))
-        for split, mask in (("val", unseen & val_mask), ("test", unseen & ~val_mask)):
-            self.pools[split] = (x[mask], y[mask], sorted(test_digits))
+        self.pools["test"] = (x[unseen], y[unseen], sorted(test_digits))
 
 
 # ---------------------------------------------------------------------------------------------- Omniglot
 
 
+SPLITS_DIR = Path(__file__).parent / "splits"
+"""Class lists shipped with mlrun (package data); each subfolder's SOURCE.md says where they come from."""
+
+
 def _omniglot_how(base: Path) -> str:
-    return (f"Unzip images_background.zip and images_evaluation.zip (torchvision's Omniglot release) into {base}, "
-            "and put the Vinyals split files train.txt, val.txt, trainval.txt, test.txt (lines 'Alphabet/"
-            f"characterNN/rot090', from jakesnell/prototypical-networks data/omniglot/splits/vinyals) in "
-            f"{base / 'splits' / 'vinyals'}; or set dataset.split=background (964 / 659 characters)")
+    return (f"Unzip images_background.zip and images_evaluation.zip (torchvision's Omniglot release) into {base}; "
+            "the Vinyals split files ship with mlrun (put your own train.txt, val.txt, trainval.txt, test.txt, lines "
+            f"'Alphabet/characterNN/rot090', in {base / 'splits' / 'vinyals'} to replace them); or set "
+            "dataset.split=background (torchvision's 964 / 659 characters)")
+
+
+def omniglot_split_dir(base: Path) -> Path:
+    """Where the Vinyals split files are read from: `<base>/splits/vinyals/` when it exists (a user's own or a
+    test fixture's lists), else the copy shipped with mlrun (jakesnell/prototypical-networks' lists)."""
+    own = base / "splits" / "vinyals"
+    return own if own.is_dir() else SPLITS_DIR / "omniglot_vinyals"
 
 
 def _read_omniglot_chars(base: Path, size: int) -> dict[str, Tensor]:
@@ -251,9 +307,10 @@ class Omniglot(_EpisodicData):
     """Omniglot, 1,623 characters x 20 drawers, resized to 28x28, rotations by 90/180/270 as new classes.
 
     `split=vinyals` (default) reads the Vinyals split files (1,200 training characters x 4 rotations =
-    4,800 classes in trainval.txt; 1,028 / 172 in train.txt / val.txt; 423 x 4 test classes in test.txt)
-    from `<root>/omniglot-py/splits/vinyals/`. `train_split=trainval` trains on all 1,200 characters and has
-    no val split (train and val would share classes); `train_split=train` keeps val.txt for validation.
+    4,800 classes in trainval.txt; 1,028 / 172 in train.txt / val.txt; 423 x 4 test classes in test.txt),
+    shipped with mlrun (`omniglot_split_dir`). `train_split=trainval` trains on all 1,200 characters and has
+    no val split (train and val would share classes); `train_split=train` keeps val.txt for validation (and
+    `trainval_stages` retrain on train+val, the paper's second phase).
     `split=background` uses torchvision's own split instead (964 background / 659 evaluation characters).
     """
 
@@ -262,9 +319,10 @@ class Omniglot(_EpisodicData):
                  train_way: int | Mapping[int, int] | None = 60, train_shot: int | None = None,
                  test_ways: list[int] | None = None, test_shot: int | None = None, test_queries: int | None = 15,
                  val_episodes: int = 100, eval_seed: int = 1234, split: str = "vinyals", train_split: str = "trainval",
-                 image_size: int = 28) -> None:
+                 image_size: int = 28, trainval_stages: Sequence[str] = ()) -> None:
         super().__init__(n_way, k_shot, q_queries, train_episodes, test_episodes, tasks_per_item, seed, train_way,
-                         train_shot, test_ways or [5, 20], test_shot, test_queries, val_episodes, eval_seed)
+                         train_shot, test_ways or [5, 20], test_shot, test_queries, val_episodes, eval_seed,
+                         trainval_stages)
         base = data_root(root) / "omniglot-py"
         how = _omniglot_how(base)
         if not (base / "images_background").is_dir() or not (base / "images_evaluation").is_dir():
@@ -274,8 +332,8 @@ class Omniglot(_EpisodicData):
             names = {"train": train_split, "test": "test"}
             if train_split == "train":
                 names["val"] = "val"
-            classes = {k: self._read_split(base / "splits" / "vinyals" / f"{v}.txt", chars, how)
-                       for k, v in names.items()}
+            split_dir = omniglot_split_dir(base)
+            classes = {k: self._read_split(split_dir / f"{v}.txt", chars, how) for k, v in names.items()}
         elif split == "background":
             rot = [f"rot{r:03d}" for r in ROTATIONS]
             classes = {"train": [f"{c}/{r}" for c in chars if c in self._folder(base, "images_background")
@@ -298,9 +356,10 @@ class Omniglot(_EpisodicData):
         lines = [s.strip() for s in path.read_text().splitlines() if s.strip()]
         for s in lines:
             char, _, rot = s.rpartition("/")
-            if char not in chars or not rot.startswith("rot") or int(rot[3:]) % 90:
-                raise DataError(path, f"classes 'Alphabet/characterNN/rotDDD' of the image folders; {s!r} is not",
-                                how)
+            if not rot.startswith("rot") or not rot[3:].isdigit() or int(rot[3:]) % 90:
+                raise DataError(path, f"lines 'Alphabet/characterNN/rotDDD'; {s!r} is not", how)
+            if char not in chars:
+                raise DataError(path, f"every class's character in the image folders; {char!r} is not there", how)
         return lines
 
     @staticmethod
@@ -314,25 +373,40 @@ class Omniglot(_EpisodicData):
         return torch.cat(xs), torch.cat(ys), list(range(len(names)))
 
 
-def write_omniglot_fixture(root: str | os.PathLike, alphabets: int = 2, characters: int = 5, drawers: int = 20,
-                           seed: int = 0) -> Path:
-    """A tiny Omniglot in torchvision's extracted layout (105x105 binary PNGs named <id>_<drawer>.png) and the
-    Vinyals split files: background alphabets go to trainval (train / val), evaluation ones to test."""
+def _write_omniglot_character(d: Path, index: int, drawers: int, size: int, rng: np.random.Generator) -> None:
     from PIL import Image
 
+    d.mkdir(parents=True, exist_ok=True)
+    strokes = rng.random((size, size)) < 0.15
+    for k in range(1, drawers + 1):
+        noisy = strokes ^ (rng.random((size, size)) < 0.02)
+        Image.fromarray(~noisy).convert("1").save(d / f"{index:04d}_{k:02d}.png")
+
+
+def write_omniglot_fixture(root: str | os.PathLike, alphabets: int = 2, characters: int = 5, drawers: int = 20,
+                           seed: int = 0, released: bool = False, image_size: int = 105) -> Path:
+    """A tiny Omniglot in torchvision's extracted layout (binary PNGs named <id>_<drawer>.png under
+    images_{background,evaluation}/<alphabet>/characterNN/).
+
+    By default made-up alphabets with their own Vinyals-style split files in `omniglot-py/splits/vinyals/`
+    (background alphabets go to trainval (train / val), evaluation ones to test). `released=True` writes instead
+    every character the shipped Vinyals lists name (1,623, each with `drawers` images) and no split files, as
+    torchvision's release unpacks: the loader must then fall back on the lists shipped with mlrun."""
     base = Path(root) / "omniglot-py"
     rng = np.random.default_rng(seed)
+    if released:
+        chars = sorted({line.rpartition("/")[0] for f in ("trainval", "test")
+                        for line in (SPLITS_DIR / "omniglot_vinyals" / f"{f}.txt").read_text().split()})
+        for i, char in enumerate(chars):
+            folder = "images_background" if i % 2 else "images_evaluation"  # the loader reads both folders alike
+            _write_omniglot_character(base / folder / char, i + 1, drawers, image_size, rng)
+        return Path(root)
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for folder in ("images_background", "images_evaluation"):
         for a in range(alphabets):
             alphabet = f"{'Bg' if folder == 'images_background' else 'Ev'}_Alphabet_{a}"
             for c in range(1, characters + 1):
-                d = base / folder / alphabet / f"character{c:02d}"
-                d.mkdir(parents=True, exist_ok=True)
-                strokes = rng.random((105, 105)) < 0.15
-                for k in range(1, drawers + 1):
-                    noisy = strokes ^ (rng.random((105, 105)) < 0.02)
-                    Image.fromarray(~noisy).convert("1").save(d / f"{c:04d}_{k:02d}.png")
+                _write_omniglot_character(base / folder / alphabet / f"character{c:02d}", c, drawers, image_size, rng)
                 which = "test" if folder == "images_evaluation" else ("val" if c == characters else "train")
                 splits[which] += [f"{alphabet}/character{c:02d}/rot{r:03d}" for r in ROTATIONS]
     split_dir = base / "splits" / "vinyals"
@@ -366,23 +440,38 @@ class _ImageFiles(Sequence):
         return torch.from_numpy(a.copy()).permute(2, 0, 1)
 
 
+MINIIMAGENET_DIRS = ("miniimagenet", "miniImageNet", "miniImagenet")
+"""The folder names miniImageNet is released and used under; `MiniImageNet(subdir=None)` takes the first present."""
+
+
+def miniimagenet_dir(root: Path, subdir: str | None) -> Path:
+    """`<root>/<subdir>`, or with subdir None the first of MINIIMAGENET_DIRS under root that exists (the first
+    spelling when none does, so the error names it)."""
+    if subdir:
+        return root / subdir
+    return next((root / d for d in MINIIMAGENET_DIRS if (root / d).is_dir()), root / MINIIMAGENET_DIRS[0])
+
+
 class MiniImageNet(_EpisodicData):
     """miniImageNet in the Ravi & Larochelle split: `<root>/<subdir>/{train,val,test}.csv` (header
     `filename,label`, 64 / 16 / 20 classes x 600 images) and the images in `<root>/<subdir>/images/`,
-    resized to 84x84 RGB in [0, 1]."""
+    resized to 84x84 RGB in [0, 1]. `subdir=None` finds the folder as `miniimagenet`, `miniImageNet` or
+    `miniImagenet`."""
 
-    def __init__(self, root: str | None = None, subdir: str = "miniimagenet", n_way: int = 5, k_shot: int = 1,
+    def __init__(self, root: str | None = None, subdir: str | None = None, n_way: int = 5, k_shot: int = 1,
                  q_queries: int = 15, train_episodes: int = 100_000, test_episodes: int = 600,
                  tasks_per_item: int = 1, seed: int = 0,
                  train_way: int | Mapping[int, int] | None = 30, train_shot: int | None = None,
                  test_ways: list[int] | None = None, test_shot: int | None = None, test_queries: int | None = 15,
-                 val_episodes: int = 100, eval_seed: int = 1234, image_size: int = 84) -> None:
+                 val_episodes: int = 100, eval_seed: int = 1234, image_size: int = 84,
+                 trainval_stages: Sequence[str] = ()) -> None:
         import csv
 
         super().__init__(n_way, k_shot, q_queries, train_episodes, test_episodes, tasks_per_item, seed, train_way,
-                         train_shot, test_ways, test_shot, test_queries, val_episodes, eval_seed)
-        base = data_root(root) / subdir
-        how = (f"Put the Ravi & Larochelle split files train.csv, val.csv, test.csv and the images/ folder in {base} "
+                         train_shot, test_ways, test_shot, test_queries, val_episodes, eval_seed, trainval_stages)
+        base = miniimagenet_dir(data_root(root), subdir)
+        where = base if subdir else f"{base.parent}/{{{','.join(MINIIMAGENET_DIRS)}}}"
+        how = (f"Put the Ravi & Larochelle split files train.csv, val.csv, test.csv and the images/ folder in {where} "
                "(or set dataset.root / dataset.subdir)")
         for split in ("train", "val", "test"):
             path = base / f"{split}.csv"

@@ -134,8 +134,8 @@ class WordOrderData(Seq2SeqData):
     """Sentences split into train/val/test, each paired with its words in a fixed random order."""
 
     def __init__(self, sentences: dict[str, list[list[str]]], vocab: Vocab, batch_size: int, eval_batch_size: int,
-                 shuffle_seed: int = 0) -> None:
-        super().__init__(batch_size, eval_batch_size)
+                 shuffle_seed: int = 0, bucket: bool = False) -> None:
+        super().__init__(batch_size, eval_batch_size, bucket)
         self.src_vocab = self.tgt_vocab = self.vocab = vocab
         rng = np.random.default_rng(shuffle_seed)
         self.pairs = {}
@@ -155,11 +155,13 @@ class ProseWordOrder(WordOrderData):
         max_unk: keep sentences with at most this many words outside the vocabulary (read as `<unk>`, as in
             the Penn Treebank text); 0 keeps only sentences made entirely of vocabulary words.
         max_train: keep at most this many training sentences (None: all).
+        bucket: train on batches of sentences of one length (seq2seq-attn's batching, as the authors).
     """
 
     def __init__(self, vocab_size: int = 1004, min_len: int = 4, max_len: int = 12, max_unk: int = 1,
                  val_size: int = 300, test_size: int = 500, max_train: int | None = None, split_seed: int = 0,
-                 batch_size: int = 32, eval_batch_size: int = 250, cache_dir: str | None = None) -> None:
+                 batch_size: int = 32, eval_batch_size: int = 250, cache_dir: str | None = None,
+                 bucket: bool = False) -> None:
         all_sents = [list(s) for s in stdlib_sentences(cache_dir) if min_len <= len(s) <= max_len]
         vocab = Vocab.build(all_sents, vocab_size)
         unked = (tuple(w if w in vocab else "<unk>" for w in s) for s in all_sents
@@ -175,7 +177,7 @@ class ProseWordOrder(WordOrderData):
         train = train[:max_train] if max_train is not None else train
         splits = {name: [kept[i] for i in sorted(idx)] for name, idx in
                   (("train", train), ("val", val), ("test", test))}
-        super().__init__(splits, vocab, batch_size, eval_batch_size, shuffle_seed=split_seed)
+        super().__init__(splits, vocab, batch_size, eval_batch_size, shuffle_seed=split_seed, bucket=bucket)
         self.words_in_vocab = sum(not w.startswith("<") for w in vocab.itos)
 
     def describe(self) -> dict[str, Any]:
@@ -191,11 +193,12 @@ class PTBWordOrder(WordOrderData):
     Args:
         vocab_size: ids including the specials (PTB has 10,000 types with `<unk>`: 9,999 words + 4 specials).
         max_len: drop training sentences longer than this (None keeps all).
+        bucket: train on batches of sentences of one length (seq2seq-attn's batching, as the authors).
     """
 
     def __init__(self, root: str | None = None, subdir: str = "ptb", vocab_size: int = 10003,
                  max_len: int | None = None, batch_size: int = 64, eval_batch_size: int = 128,
-                 shuffle_seed: int = 0) -> None:
+                 shuffle_seed: int = 0, bucket: bool = False) -> None:
         folder = data_root(root) / subdir
         missing = [f for f in PTB_FILES.values() if not (folder / f).is_file()]
         if missing:
@@ -211,7 +214,7 @@ class PTBWordOrder(WordOrderData):
                 lines = [s for s in lines if len(s) <= max_len]
             splits[split] = lines
         vocab = Vocab.build(splits["train"], vocab_size)
-        super().__init__(splits, vocab, batch_size, eval_batch_size, shuffle_seed)
+        super().__init__(splits, vocab, batch_size, eval_batch_size, shuffle_seed, bucket)
 
 
 _PTB_FIXTURE = [

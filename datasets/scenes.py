@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mlrun.datasets.proposals import box_iou_np  # noqa: F401 - re-exported: scenes.box_iou_np
 from mlrun.task import DataModule
 
 SPLITS = ("train", "val", "test")
@@ -29,16 +30,6 @@ class Scene:
     image: np.ndarray
     boxes: np.ndarray
     labels: np.ndarray
-
-
-def box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box in a [n, 4] with every box in b [m, 4] (x2/y2 exclusive, so area = w * h)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).prod(-1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
 def _resize(digit: np.ndarray, size: int) -> np.ndarray:

@@ -96,24 +96,56 @@ def collate_pairs(items: list[tuple[torch.Tensor, torch.Tensor, str]]) -> dict[s
     }
 
 
+class LengthBatches(Dataset):
+    """Whole training batches, each of pairs with one source length (seq2seq-attn's batching, which the BSO
+    authors train with): no padding in the source, and for word ordering none in the target either, so no
+    step computes on padding. Batches are fixed; the trainer shuffles their order every epoch."""
+
+    def __init__(self, pairs: PairDataset, size: int) -> None:
+        by_len: dict[int, list[int]] = {}
+        for i in range(len(pairs)):
+            by_len.setdefault(len(pairs.src[i]), []).append(i)
+        self.batches = [collate_pairs([pairs[i] for i in idx[j:j + size]])
+                        for n in sorted(by_len) for idx in [by_len[n]] for j in range(0, len(idx), size)]
+        self.pairs = len(pairs)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.batches[i]
+
+
 class Seq2SeqData(DataModule):
-    """Splits of (source tokens, target tokens) with one vocabulary per side (the same one if `shared`)."""
+    """Splits of (source tokens, target tokens) with one vocabulary per side (the same one if `shared`).
+
+    bucket: train on `LengthBatches` of `batch_size` pairs (items are whole batches, so the trainer sees
+    `batch_size=None`; `bucket_size` keeps the number); val and test stay padded batches of pairs.
+    """
 
     src_vocab: Vocab
     tgt_vocab: Vocab
     pairs: dict[str, tuple[list[list[str]], list[list[str]]]]
 
-    def __init__(self, batch_size: int, eval_batch_size: int) -> None:
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self._cache: dict[str, PairDataset] = {}
+    def __init__(self, batch_size: int, eval_batch_size: int, bucket: bool = False) -> None:
+        self.bucket_size = batch_size if bucket else None
+        self.batch_size, self.eval_batch_size = (None if bucket else batch_size), eval_batch_size
+        self._cache: dict[str, Dataset] = {}
 
-    def dataset(self, split: str, stage: str | None = None) -> PairDataset:
+    def dataset(self, split: str, stage: str | None = None) -> Dataset:
         if split not in self.pairs:
             raise KeyError(split)
         if split not in self._cache:
             src, tgt = self.pairs[split]
             self._cache[split] = PairDataset(src, tgt, self.src_vocab, self.tgt_vocab)
+            if split == "train" and self.bucket_size:
+                self._cache[split] = LengthBatches(self._cache[split], self.bucket_size)
         return self._cache[split]
+
+    def steps_per_epoch(self) -> int:
+        """Training batches in one pass over the train split."""
+        train = self.dataset("train")
+        return len(train) if self.batch_size is None else max(len(train) // self.batch_size, 1)
 
     def collate(self, items: list[Any]) -> dict[str, Any]:
         return collate_pairs(items)
@@ -144,12 +176,13 @@ class IWSLT14(Seq2SeqData):
         src_vocab_size, tgt_vocab_size: ids per side, specials included (rarer words become <unk>).
         merge_bpe: undo the BPE joints so the model works on words (the paper's setting).
         max_len: drop training pairs longer than this on either side (MIXER keeps up to 50 words).
+        bucket: train on batches of one source length (seq2seq-attn's batching; see `Seq2SeqData`).
     """
 
     def __init__(self, root: str | None = None, src: str = "de", tgt: str = "en", src_vocab_size: int = 24000,
                  tgt_vocab_size: int = 24000, merge_bpe: bool = True, max_len: int = 50, batch_size: int = 64,
-                 eval_batch_size: int = 128) -> None:
-        super().__init__(batch_size, eval_batch_size)
+                 eval_batch_size: int = 128, bucket: bool = False) -> None:
+        super().__init__(batch_size, eval_batch_size, bucket)
         self.root = data_root(root) / IWSLT_DIR
         expected = [f"{s}.{lang}" for s in IWSLT_SPLITS.values() for lang in (src, tgt)]
         missing = [f for f in expected if not (self.root / f).is_file()]

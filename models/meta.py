@@ -5,10 +5,17 @@ support set give parameters φ that classify its query set well.
 
 - MAML differentiates the query loss through K inner SGD steps: the graph of every step is kept, so the memory of
   one meta-gradient grows linearly with K. First-order MAML drops the second-order terms (dφ/dθ = I).
-- iMAML's inner problem is  min_φ L_support(φ) + (λ/2)||φ - θ||²  (K steps of gradient descent, no graph kept). At
-  its solution dφ/dθ = (I + H/λ)^-1 with H the Hessian of L_support at φ, so the meta-gradient is the solution v
-  of (I + H/λ) v = ∇L_query(φ), found by conjugate gradient from Hessian-vector products. The memory is that of
-  one forward/backward, whatever K.
+- iMAML's inner problem is  min_φ L_support(φ) + (λ/2)||φ - θ||², solved with no graph kept: by K steps of gradient
+  descent (iMAML-GD) or by a few Newton steps whose directions come from conjugate gradient on Hessian-vector
+  products, with a backtracking line search (iMAML-HF, the paper's Hessian-free solver). At its solution
+  dφ/dθ = (I + H/λ)^-1 with H the Hessian of L_support at φ, so the meta-gradient is the solution v of
+  (I + H/λ) v = ∇L_query(φ), found by conjugate gradient from Hessian-vector products. The memory is that of one
+  forward/backward, whatever K.
+
+Every method is evaluated by the same test-time adaptation (`MetaLearner.adapt`: K steps of gradient descent from θ
+on the support loss plus an optional proximal term, λ = 0 being plain SGD), so a comparison of methods compares
+their θ, not their adaptation. `meta_train=False` leaves θ at its initialisation: the untrained baseline scored by
+that same adaptation. Evaluation also scores raw-pixel nearest neighbour on the same episodes.
 
 The learner is called statelessly with `torch.func.functional_call`, so adapted weights are plain tensors. Gradients
 and Hessian-vector products use `torch.autograd.grad` (Pearlmutter's double backward), not `torch.func.grad/jvp`:
@@ -20,14 +27,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, grad, vmap
 
 from mlrun.task import Task
 
@@ -114,6 +121,53 @@ def proximal_gd(net: nn.Module, theta: Params, x: Tensor, y: Tensor, steps: int,
     return phi
 
 
+def _proximal_objective(net: nn.Module, phi: Params, anchor: Params, x: Tensor, y: Tensor, lam: float,
+                        loss_fn: LossFn) -> Tensor:
+    prox = sum((p - anchor[n]).pow(2).sum() for n, p in phi.items())
+    return loss_fn(functional_call(net, phi, (x,)), y) + 0.5 * lam * prox
+
+
+def proximal_newton_cg(net: nn.Module, theta: Params, x: Tensor, y: Tensor, steps: int, cg_steps: int, lam: float,
+                       loss_fn: LossFn, line_search: int = 10, armijo: float = 1e-4) -> Params:
+    """iMAML-HF's inner solver: `steps` Newton steps on  f(φ) = L(φ) + (λ/2)||φ - θ||²  from θ, each direction d the
+    solution of (H + λI) d = ∇f(φ) by `cg_steps` of conjugate gradient on Hessian-vector products (Hessian-free),
+    and a backtracking line search (halving from 1, at most `line_search` times, Armijo constant `armijo`) to pick
+    the step size, as the paper describes (5 CG steps per direction). Where CG returns no descent direction (H + λI
+    indefinite) the step falls back on the gradient. Returns φ as fresh leaves that require grad; no graph
+    outlives a step."""
+    anchor = {n: p.detach() for n, p in theta.items()}
+    phi = {n: p.detach().clone().requires_grad_() for n, p in theta.items()}
+    for _ in range(steps):
+        leaves = list(phi.values())
+        loss = loss_fn(functional_call(net, phi, (x,)), y)
+        g_loss = torch.autograd.grad(loss, leaves, create_graph=True)
+        with torch.no_grad():
+            delta = _flat([p - anchor[n] for n, p in phi.items()])
+            g = _flat(g_loss).detach() + lam * delta
+            f0 = float(loss) + 0.5 * lam * float(delta @ delta)
+
+        def matvec(u: Tensor, g_loss: Sequence[Tensor] = g_loss, leaves: list[Tensor] = leaves) -> Tensor:
+            return hessian_vector_product(g_loss, leaves, u) + lam * u
+
+        d = conjugate_gradient(matvec, g, cg_steps).detach()
+        del matvec, g_loss  # free the HVP graph before the line search
+        if float(g @ d) <= 0:
+            d = g
+        slope = float(g @ d)
+        with torch.no_grad():
+            t, new = 1.0, None
+            for _ in range(line_search + 1):
+                cand = {n: p - t * s_ for (n, p), s_ in zip(phi.items(), _unflat(d, leaves))}
+                if float(_proximal_objective(net, cand, anchor, x, y, lam, loss_fn)) <= f0 - armijo * t * slope:
+                    new = cand
+                    break
+                t *= 0.5
+        if new is None:  # no decrease along d: φ is (numerically) the minimiser
+            break
+        phi = {n: p.detach().requires_grad_() for n, p in new.items()}
+    return phi
+
+
 def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, steps: int, tol: float = 0.0) -> Tensor:
     """Solve A x = b for symmetric positive-definite A given only x -> A x, from x = 0, in at most `steps`
     iterations (exact after dim(b) in exact arithmetic); stops early once ||r|| <= tol."""
@@ -154,13 +208,21 @@ def hessian_vector_product(grads: Sequence[Tensor], leaves: Sequence[Tensor], v:
 
 def imaml_meta_gradient(net: nn.Module, theta: Params, support: tuple[Tensor, Tensor], query: tuple[Tensor, Tensor],
                         steps: int, lr: float, lam: float, cg_steps: int, loss_fn: LossFn, cg_damping: float = 0.0,
-                        lam_damping: float = 0.0) -> tuple[list[Tensor], Tensor, Tensor]:
-    """One task's implicit meta-gradient (I + H/λ)^-1 ∇L_query(φ), with φ from `proximal_gd` and H the Hessian of
-    the support loss at φ. Returns (gradient per parameter of θ, query loss, query logits), all detached.
+                        lam_damping: float = 0.0, inner_solver: str = "gd", hf_cg_steps: int = 5
+                        ) -> tuple[list[Tensor], Tensor, Tensor]:
+    """One task's implicit meta-gradient (I + H/λ)^-1 ∇L_query(φ), with φ from `proximal_gd` (inner_solver "gd": K =
+    `steps` steps of size `lr`) or `proximal_newton_cg` ("hf": `steps` Newton steps of `hf_cg_steps` CG steps each)
+    and H the Hessian of the support loss at φ. Returns (gradient per parameter of θ, query loss, query logits), all
+    detached.
 
     With damping CG solves ((1 + cg_damping) I + H/(λ + lam_damping)) v = ∇L_query(φ) instead, as the authors' code
     does (cg_damping 1, lam_damping 10): it keeps the system positive-definite where H has negative curvature."""
-    phi = proximal_gd(net, theta, *support, steps, lr, lam, loss_fn)
+    if inner_solver == "gd":
+        phi = proximal_gd(net, theta, *support, steps, lr, lam, loss_fn)
+    elif inner_solver == "hf":
+        phi = proximal_newton_cg(net, theta, *support, steps, hf_cg_steps, lam, loss_fn)
+    else:
+        raise ValueError(f"inner_solver={inner_solver!r}: expected 'gd' or 'hf'")
     leaves = list(phi.values())
     logits = functional_call(net, phi, (query[0],))
     q_loss = loss_fn(logits, query[1])
@@ -251,36 +313,59 @@ def _tasks(batch: dict[str, Tensor]) -> Iterator[tuple[tuple[Tensor, Tensor], tu
         yield (batch["support"][i], batch["support_y"][i]), (batch["query"][i], batch["query_y"][i])
 
 
+def pixel_nearest_neighbour(support: tuple[Tensor, Tensor], query: Tensor) -> Tensor:
+    """The no-learning baseline: each query gets the label of its nearest support image in raw pixels (Euclidean)."""
+    xs, ys = support
+    return ys[torch.cdist(query.flatten(1), xs.flatten(1)).argmin(1)]
+
+
 class MetaLearner(Task):
     """What MAML and iMAML share: a learner θ, the outer optimizer, test-time adaptation and the memory probe.
+
+    Test-time adaptation is the same procedure for every method, so that methods differ only in θ: `test_steps`
+    steps of gradient descent with step `test_lr` from θ on the support loss + (test_lam/2)||φ - θ||² (λ = 0: plain
+    SGD, as MAML's test and iMAML's authors' evaluation, `measure_accuracy.py --lam 0.0`).
 
     Args:
         learner: the network whose initialisation is meta-learned (`ConvLearner`).
         optimizer: a partial outer optimizer (Adam 1e-3 in both papers), called with θ.
-        inner_steps: K, gradient steps on a task's support set, in training.
-        inner_lr: the inner step size α.
-        test_inner_steps: K at evaluation (None: as in training; MAML used 10 at test on miniImageNet).
+        inner_steps: K, inner steps on a task's support set in training.
+        inner_lr: the inner step size α in training.
+        test_steps, test_lr, test_lam: the test-time adaptation (None: inner_steps, inner_lr; λ 0).
+        test_adaptations: more adaptations scored beside the main one, name -> {steps, lr, lam} (reported as
+            acc_<name> on val and test): the same θ under other test-time procedures, to choose one on validation.
+        meta_train: False leaves θ at its initialisation (the untrained baseline; the step yields nothing).
         memory_steps: the K at which the test evaluation measures the bytes saved for one task's meta-gradient.
-        variant: the name this configuration reports (a study's label: maml, fomaml, imaml).
+        variant: the name this configuration reports (a study's label: maml, fomaml, imaml, untrained).
+        eval_chunk: evaluation episodes adapted at once (vectorised; memory grows with it).
     """
 
     def __init__(self, learner: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], inner_steps: int = 5,
-                 inner_lr: float = 0.4, test_inner_steps: int | None = None,
-                 memory_steps: Sequence[int] = (1, 5, 10, 20), variant: str = "meta") -> None:
+                 inner_lr: float = 0.4, test_steps: int | None = None, test_lr: float | None = None,
+                 test_lam: float = 0.0, test_adaptations: Mapping[str, Mapping[str, float]] | None = None,
+                 meta_train: bool = True, memory_steps: Sequence[int] = (1, 5, 10, 20), variant: str = "meta",
+                 eval_chunk: int = 50) -> None:
         super().__init__()
         self.learner = learner
         self._optimizer = optimizer
         self.inner_steps, self.inner_lr = int(inner_steps), float(inner_lr)
-        self.test_inner_steps = int(test_inner_steps) if test_inner_steps is not None else self.inner_steps
+        self.test_steps = int(test_steps) if test_steps is not None else self.inner_steps
+        self.test_lr = float(test_lr) if test_lr is not None else self.inner_lr
+        self.test_lam = float(test_lam)
+        self.test_adaptations = {str(k): (int(v["steps"]), float(v["lr"]), float(v.get("lam", 0.0)))
+                                 for k, v in (test_adaptations or {}).items()}
+        self.meta_train = bool(meta_train)
         self.memory_steps = [int(k) for k in memory_steps]
         self.variant = variant
+        self.eval_chunk = max(int(eval_chunk), 1)
         self._probe: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"meta": self._optimizer(self.learner.parameters())}
 
     def on_stage_start(self, stage: str, data: Any) -> None:
-        """Keep the first task of the first training item: the fixed task whose meta-gradient memory we measure."""
+        """Keep the first task of the first training item: the fixed task whose meta-gradient memory we measure
+        (a training task: its shots and queries are those the method trains with)."""
         super().on_stage_start(stage, data)
         try:
             first = data.dataset("train", stage)[0]
@@ -297,43 +382,110 @@ class MetaLearner(Task):
         """One task's meta-gradient w.r.t. θ with `steps` inner steps: (grads, query loss, query logits)."""
         raise NotImplementedError
 
-    def adapt(self, support: tuple[Tensor, Tensor], steps: int) -> Params:
-        """Task-specific weights φ from θ, as at test time (no graph to θ)."""
+    def meta_train_step(self, batch: dict[str, Tensor]) -> Iterator[tuple[str, Tensor | None]]:
         raise NotImplementedError
 
     # -- shared
+    def training_step(self, batch: dict[str, Tensor]) -> Iterator[tuple[str, Tensor | None]]:
+        if self.meta_train:
+            yield from self.meta_train_step(batch)
+
+    def adapt(self, support: tuple[Tensor, Tensor], steps: int | None = None, lr: float | None = None,
+              lam: float | None = None) -> Params:
+        """Task-specific weights φ from θ by the test-time adaptation (defaults: test_steps, test_lr, test_lam),
+        with no graph to θ."""
+        steps = self.test_steps if steps is None else steps
+        lr = self.test_lr if lr is None else lr
+        lam = self.test_lam if lam is None else lam
+        phi = proximal_gd(self.learner, params_of(self.learner), *support, steps, lr, lam, self.loss_fn)
+        return {n: p.detach() for n, p in phi.items()}
+
     @property
     def device_(self) -> torch.device:
         return next(self.parameters()).device
 
+    def adapt_many(self, support: tuple[Tensor, Tensor], steps: int | None = None, lr: float | None = None,
+                   lam: float | None = None) -> Params:
+        """`adapt` for a stack of tasks at once (support [T, S, ...], labels [T, S]): the same steps, vectorised over
+        the tasks with torch.func (vmap of grad), so many small episodes cost a few batched calls. Returns φ with a
+        leading task dimension."""
+        steps = self.test_steps if steps is None else steps
+        lr = self.test_lr if lr is None else lr
+        lam = self.test_lam if lam is None else lam
+        theta = {n: p.detach() for n, p in params_of(self.learner).items()}
+
+        def support_loss(phi: Params, x: Tensor, y: Tensor) -> Tensor:
+            return self.loss_fn(functional_call(self.learner, phi, (x,)), y)
+
+        def one_task(x: Tensor, y: Tensor) -> Params:
+            phi = theta
+            for _ in range(steps):
+                g = grad(support_loss)(phi, x, y)
+                phi = {n: p - lr * (g[n] + lam * (p - theta[n])) for n, p in phi.items()}
+            return phi
+
+        return vmap(one_task)(*support)
+
     def evaluate(self, loader: Any, split: str) -> dict[str, float]:
-        """Adapt to each episode's support set, classify its query set: mean accuracy and its 95% interval.
-        The test split also reports the saved-tensor memory of one meta-gradient at each of `memory_steps`."""
+        """Adapt to each episode's support set, classify its query set: mean accuracy and its 95% interval; the
+        same for raw-pixel nearest neighbour (`pixel_acc`) and for each of `test_adaptations` (`acc_<name>`).
+        Episodes are adapted `eval_chunk` at a time (`adapt_many`). The test split also reports the saved-tensor
+        memory of one meta-gradient at each of `memory_steps`."""
         from mlrun.datasets.fewshot import mean_ci95
 
-        accs, losses = [], []
-        with torch.enable_grad():  # adaptation takes gradient steps; the trainer evaluates under no_grad
-            for batch in loader:
-                for (xs, ys), (xq, yq) in _tasks(batch):
-                    xs, ys, xq, yq = (t.to(self.device_) for t in (xs, ys, xq, yq))
-                    phi = self.adapt((xs, ys), self.test_inner_steps)
-                    with torch.no_grad():
-                        logits = functional_call(self.learner, phi, (xq,))
-                        losses.append(float(self.loss_fn(logits, yq)))
-                        accs.append(float((logits.argmax(1) == yq).float().mean()))
-        mean, ci = mean_ci95(accs)
-        out = {"acc": float(mean), "acc_ci95": float(ci), "loss": sum(losses) / max(len(losses), 1)}
-        if split == "test" and self._probe is not None:
+        adaptations = {"": (self.test_steps, self.test_lr, self.test_lam)}
+        adaptations.update({f"_{k}": v for k, v in self.test_adaptations.items()})
+        accs: dict[str, list[Tensor]] = {f"acc{k}": [] for k in adaptations}
+        accs["pixel_acc"] = []
+        losses = []
+        for xs, ys, xq, yq in self._chunks(loader):
+            for key, (steps, lr, lam) in adaptations.items():
+                phi = self.adapt_many((xs, ys), steps, lr, lam)
+                with torch.no_grad():
+                    logits = vmap(lambda p, x: functional_call(self.learner, p, (x,)))(phi, xq)  # noqa: B023
+                    accs[f"acc{key}"].append((logits.argmax(-1) == yq).float().mean(1))
+                    if not key:
+                        losses.append(F.cross_entropy(logits.flatten(0, 1), yq.flatten(), reduction="none")
+                                      .view_as(yq).mean(1))
+            nearest = torch.stack([pixel_nearest_neighbour((a, b), c) for a, b, c in zip(xs, ys, xq)])
+            accs["pixel_acc"].append((nearest == yq).float().mean(1))
+        out: dict[str, float] = {"loss": float(torch.cat(losses).mean()) if losses else float("nan")}
+        for name, values in accs.items():
+            mean, ci = mean_ci95(torch.cat(values).cpu().numpy() if values else [])
+            out[name], out[f"{name}_ci95"] = float(mean), float(ci)
+        if split == "test" and self._probe is not None and self.meta_train:  # the untrained baseline has none
             out.update(self.memory_profile())
         return out
 
+    def _chunks(self, loader: Any) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """The loader's tasks stacked `eval_chunk` at a time (consecutive tasks of one shape; a new shape, such as
+        20-way after 5-way episodes, starts a new chunk), on the model's device."""
+        pending: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+
+        def stack() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            return tuple(torch.stack([t[i] for t in pending]).to(self.device_) for i in range(4))  # type: ignore
+
+        for batch in loader:
+            for (xs, ys), (xq, yq) in _tasks(batch):
+                if pending and (xs.shape != pending[0][0].shape or xq.shape != pending[0][2].shape):
+                    yield stack()
+                    pending = []
+                pending.append((xs, ys, xq, yq))
+                if len(pending) >= self.eval_chunk:
+                    yield stack()
+                    pending = []
+        if pending:
+            yield stack()
+
     def memory_profile(self, steps: Sequence[int] | None = None) -> dict[str, float]:
         """MiB saved for backward during one task's meta-gradient at each K (and seconds it took; on a GPU also
-        torch.cuda's peak allocation above the start), on the probe task."""
+        torch.cuda's peak allocation above the start), on the probe task, and how the bytes grow with K
+        (`memory_growth`)."""
         (xs, ys), (xq, yq) = self._probe
         xs, ys, xq, yq = (t.to(self.device_) for t in (xs, ys, xq, yq))
         out: dict[str, float] = {}
         cuda = self.device_.type == "cuda"
+        saved: dict[int, float] = {}
         with torch.enable_grad():
             for k in steps or self.memory_steps:
                 if cuda:
@@ -346,8 +498,29 @@ class MetaLearner(Task):
                     torch.cuda.synchronize()
                     out[f"cuda_mib_k{k}"] = (torch.cuda.max_memory_allocated() - base) / 2**20
                 out[f"seconds_k{k}"] = time.perf_counter() - t0
-                out[f"saved_mib_k{k}"] = nbytes / 2**20
+                out[f"saved_mib_k{k}"] = saved[k] = nbytes / 2**20
+        out.update(memory_growth(saved))
         return out
+
+
+def memory_growth(saved: Mapping[int, float]) -> dict[str, float]:
+    """How saved bytes grow with K, from {K: bytes} at three or more K (two for the ratio):
+
+    - saved_max_over_min: the largest over the smallest (1.0 = flat, iMAML's claim);
+    - saved_step_spread: the per-step increment between consecutive K, (b[K'] - b[K]) / (K' - K), largest over
+      smallest (1.0 = exactly linear in K; nan if an increment is not positive);
+    - saved_step_over_first: the smallest per-step increment over the bytes at the smallest K (how much each inner
+      step adds, relative to a one-step meta-gradient at the smallest K).
+    """
+    ks = sorted(saved)
+    if len(ks) < 2:
+        return {}
+    out = {"saved_max_over_min": max(saved.values()) / min(saved.values())}
+    steps = [(saved[b] - saved[a]) / (b - a) for a, b in zip(ks, ks[1:])]
+    out["saved_step_spread"] = max(steps) / min(steps) if min(steps) > 0 else float("nan")
+    out["saved_step_over_first"] = min(steps) / saved[ks[0]]
+    return out
+
 
 class MAML(MetaLearner):
     """MAML: the query loss after K inner SGD steps, differentiated through them (second order), or with
@@ -358,9 +531,12 @@ class MAML(MetaLearner):
     """
 
     def __init__(self, learner: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], inner_steps: int = 5,
-                 inner_lr: float = 0.4, first_order: bool = False, test_inner_steps: int | None = None,
-                 memory_steps: Sequence[int] = (1, 5, 10, 20), variant: str = "maml") -> None:
-        super().__init__(learner, optimizer, inner_steps, inner_lr, test_inner_steps, memory_steps, variant)
+                 inner_lr: float = 0.4, first_order: bool = False, test_steps: int | None = None,
+                 test_lr: float | None = None, test_lam: float = 0.0,
+                 test_adaptations: Mapping[str, Mapping[str, float]] | None = None, meta_train: bool = True,
+                 memory_steps: Sequence[int] = (1, 5, 10, 20), variant: str = "maml", eval_chunk: int = 50) -> None:
+        super().__init__(learner, optimizer, inner_steps, inner_lr, test_steps, test_lr, test_lam, test_adaptations,
+                         meta_train, memory_steps, variant, eval_chunk)
         self.first_order = bool(first_order)
 
     def query_loss(self, support: tuple[Tensor, Tensor], query: tuple[Tensor, Tensor], steps: int
@@ -377,12 +553,7 @@ class MAML(MetaLearner):
         grads = torch.autograd.grad(loss, list(self.learner.parameters()))
         return list(grads), loss.detach(), logits.detach()
 
-    def adapt(self, support: tuple[Tensor, Tensor], steps: int) -> Params:
-        theta = {n: p.detach().requires_grad_() for n, p in params_of(self.learner).items()}
-        phi = inner_sgd(self.learner, theta, *support, steps, self.inner_lr, self.loss_fn, create_graph=False)
-        return {n: p.detach() for n, p in phi.items()}
-
-    def training_step(self, batch: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    def meta_train_step(self, batch: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
         losses, accs = [], []
         for support, query in _tasks(batch):
             loss, logits = self.query_loss(support, query, self.inner_steps)
@@ -393,35 +564,40 @@ class MAML(MetaLearner):
 
 
 class IMAML(MetaLearner):
-    """iMAML: proximal inner problem solved by K steps of gradient descent; the implicit meta-gradient is found by
-    `cg_steps` of conjugate gradient. The step sets θ's .grad (mean over the meta-batch) and yields ("meta", None).
+    """iMAML: proximal inner problem solved by K steps of gradient descent (`inner_solver: gd`, iMAML-GD) or by K
+    Hessian-free Newton steps (`hf`, iMAML-HF, `hf_cg_steps` CG steps per direction and a line search); the implicit
+    meta-gradient is found by `cg_steps` of conjugate gradient. The step sets θ's .grad (mean over the meta-batch)
+    and yields ("meta", None).
 
     Args (beyond `MetaLearner`'s):
         lam: λ, the strength of the proximal term (2.0 in the paper).
-        cg_steps: conjugate-gradient iterations (5 in the paper).
+        cg_steps: conjugate-gradient iterations for the meta-gradient (5 in the paper).
         cg_damping, lam_damping: 0 solves the paper's (I + H/λ) v = g; the authors' code solves
             ((1 + cg_damping) I + H/(λ + lam_damping)) v = g with 1 and 10.
+        inner_solver, hf_cg_steps: "gd" (K steps of size inner_lr) or "hf" (K Newton-CG steps of hf_cg_steps).
     """
 
     def __init__(self, learner: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], inner_steps: int = 16,
                  inner_lr: float = 0.1, lam: float = 2.0, cg_steps: int = 5, cg_damping: float = 0.0,
-                 lam_damping: float = 0.0, test_inner_steps: int | None = None,
-                 memory_steps: Sequence[int] = (1, 5, 10, 20), variant: str = "imaml") -> None:
-        super().__init__(learner, optimizer, inner_steps, inner_lr, test_inner_steps, memory_steps, variant)
+                 lam_damping: float = 0.0, inner_solver: str = "gd", hf_cg_steps: int = 5,
+                 test_steps: int | None = None, test_lr: float | None = None, test_lam: float = 0.0,
+                 test_adaptations: Mapping[str, Mapping[str, float]] | None = None, meta_train: bool = True,
+                 memory_steps: Sequence[int] = (1, 5, 10, 20), variant: str = "imaml", eval_chunk: int = 50) -> None:
+        super().__init__(learner, optimizer, inner_steps, inner_lr, test_steps, test_lr, test_lam, test_adaptations,
+                         meta_train, memory_steps, variant, eval_chunk)
+        if inner_solver not in ("gd", "hf"):
+            raise ValueError(f"inner_solver={inner_solver!r}: expected 'gd' or 'hf'")
         self.lam, self.cg_steps = float(lam), int(cg_steps)
         self.cg_damping, self.lam_damping = float(cg_damping), float(lam_damping)
+        self.inner_solver, self.hf_cg_steps = inner_solver, int(hf_cg_steps)
 
     def meta_gradient(self, support: tuple[Tensor, Tensor], query: tuple[Tensor, Tensor], steps: int
                       ) -> tuple[list[Tensor], Tensor, Tensor]:
         return imaml_meta_gradient(self.learner, params_of(self.learner), support, query, steps, self.inner_lr,
-                                   self.lam, self.cg_steps, self.loss_fn, self.cg_damping, self.lam_damping)
+                                   self.lam, self.cg_steps, self.loss_fn, self.cg_damping, self.lam_damping,
+                                   self.inner_solver, self.hf_cg_steps)
 
-    def adapt(self, support: tuple[Tensor, Tensor], steps: int) -> Params:
-        phi = proximal_gd(self.learner, params_of(self.learner), *support, steps, self.inner_lr, self.lam,
-                          self.loss_fn)
-        return {n: p.detach() for n, p in phi.items()}
-
-    def training_step(self, batch: dict[str, Tensor]) -> Iterator[tuple[str, None]]:
+    def meta_train_step(self, batch: dict[str, Tensor]) -> Iterator[tuple[str, None]]:
         params = list(self.learner.parameters())
         total = [torch.zeros_like(p) for p in params]
         losses, accs = [], []
@@ -447,50 +623,75 @@ def _k_of(metric: str, prefix: str) -> int | None:
 
 
 def summarize(study: dict[str, Any]) -> dict[str, float]:
-    """Per method (label), medians over seeds: test accuracy and its interval, saved MiB at each K, the ratio of
-    saved MiB at the largest K to the smallest, and the largest saved MiB over the smallest across K."""
+    """Per method (label), medians over the runs given (one seed's runs: that seed's values): test accuracy and
+    its interval, saved MiB at each K and how they grow with K; and raw-pixel nearest neighbour's test accuracy
+    (`pixels/test/acc`, the same episodes in every run)."""
+    import statistics
+
     out: dict[str, float] = {}
-    for label, metrics in study.get("groups", {}).items():
-        for name in ("test/acc", "test/acc_ci95"):
-            if name in metrics:
-                out[f"{label}/{name}"] = metrics[name]["median"]
-        saved = {k: metrics[m]["median"] for m in metrics if (k := _k_of(m, "saved_mib_k")) is not None}
-        if len(saved) >= 2:
-            lo, hi = min(saved), max(saved)
-            out[f"{label}/saved_ratio_k{hi}_k{lo}"] = saved[hi] / saved[lo]
-            out[f"{label}/saved_max_over_min"] = max(saved.values()) / min(saved.values())
-            out.update({f"{label}/saved_mib_k{k}": v for k, v in sorted(saved.items())})
+    pixel: list[float] = []
+    for label, metrics in sorted(_by_label(study).items()):
+        for name, values in metrics.items():
+            if name in ("test/acc", "test/acc_ci95") or name.startswith(("test/saved_", "test/acc_")):
+                out[f"{label}/{name}"] = statistics.median(values)
+        pixel += metrics.get("test/pixel_acc", [])
+    if pixel:
+        out["pixels/test/acc"] = statistics.median(pixel)
+    return out
+
+
+def _by_label(study: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """label -> metric -> values over the completed runs in the study dict."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for run in study.get("runs", []):
+        if run.get("status") != "completed":
+            continue
+        metrics = out.setdefault(str(run["label"]), {})
+        for name, value in run.get("metrics", {}).items():
+            try:
+                v = float(value)
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(v):
+                metrics.setdefault(name, []).append(v)
     return out
 
 
 def study_figure(study: dict[str, Any], out_dir: Path) -> list[Path]:
-    """iMAML's Figure 2 beside Table 2: saved memory of one meta-gradient against K, and test accuracy."""
+    """iMAML's Figure 2 beside Table 2: saved memory of one meta-gradient against K (median over seeds), and test
+    accuracy of every method, the untrained network and raw-pixel nearest neighbour (bars: median over seeds;
+    dots: single seeds)."""
+    import statistics
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = study.get("groups", {})
-    labels = sorted(groups)
-    fig, (ax_m, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
+    runs = _by_label(study)
+    labels = sorted(runs)
+    fig, (ax_m, ax_a) = plt.subplots(1, 2, figsize=(11, 4))
     for label in labels:
-        ms = groups[label]
+        ms = runs[label]
         ks = sorted(k for m in ms if (k := _k_of(m, "saved_mib_k")) is not None)
-        if ks:
-            ax_m.plot(ks, [ms[f"test/saved_mib_k{k}"]["median"] for k in ks], "o-", label=label)
+        if ks:  # the untrained baseline runs no meta-gradient and reports no memory
+            ax_m.plot(ks, [statistics.median(ms[f"test/saved_mib_k{k}"]) for k in ks], "o-", label=label)
             ax_m.set_xticks(ks)
-    ax_m.set(xlabel="inner gradient steps K", ylabel="MiB saved for backward (one task)",
-             title="memory of one meta-gradient")
+    ax_m.set(xlabel="inner gradient steps K", ylabel="MiB saved for backward",
+             title="memory of one meta-gradient (one task, median of seeds)")
     ax_m.legend()
-    accs = [100 * groups[lb].get("test/acc", {}).get("median", float("nan")) for lb in labels]
-    cis = [100 * groups[lb].get("test/acc_ci95", {}).get("median", 0.0) for lb in labels]
-    ax_a.bar(labels, accs, yerr=cis, capsize=6, color=[f"C{i}" for i in range(len(labels))])
-    for run in study.get("runs", []):
-        if run["status"] == "completed" and "test/acc" in run["metrics"] and run["label"] in labels:
-            ax_a.plot(labels.index(run["label"]), 100 * float(run["metrics"]["test/acc"]), "k.", zorder=3)
-    ax_a.set(ylabel="test accuracy (%), median of seeds ± 95% CI", title="5-way 1-shot, unseen classes")
-    lo = min((a for a in accs if a == a), default=0.0)
-    ax_a.set_ylim(max(0.0, lo - 15), 100)
+    bars = [(lb, runs[lb].get("test/acc", [])) for lb in labels]
+    bars.append(("raw pixels, 1-NN", [v for lb in labels for v in runs[lb].get("test/pixel_acc", [])][:1]))
+    names = [b[0] for b in bars]
+    medians = [100 * statistics.median(v) if v else float("nan") for _, v in bars]
+    ax_a.bar(names, medians, color=[f"C{i}" for i in range(len(bars))])
+    for i, (_, values) in enumerate(bars):
+        ax_a.plot([i] * len(values), [100 * v for v in values], "k.", zorder=3)
+    ax_a.set(ylabel="test accuracy (%)",
+             title="5-way 1-shot, unseen classes, one adaptation for all\nbars: median of seeds, dots: seeds")
+    finite = [m for m in medians if m == m]
+    ax_a.set_ylim(max(0.0, min(finite, default=0.0) - 15), 100)
+    ax_a.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "memory_and_accuracy.png"

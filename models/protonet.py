@@ -9,11 +9,16 @@ With the squared Euclidean distance the classifier is linear in the query embedd
 bias -||c_k||^2 (`linear_head`): the paper's argument for why it works well. `distance: cosine` is the
 paper's comparison. Evaluation also scores a raw-pixel nearest-prototype baseline (no learning) on the
 same episodes, and reports each (way, shot) setting with its 95% confidence interval over episodes.
+
+The paper's two-phase protocol (choose the number of episodes on the validation classes, then retrain on train+val
+for that many) is two stages: the second is named in `reinit_stages` (it restarts from the same initial weights,
+as the authors' code, which seeds both phases alike), trains on train+val (the data module's `trainval_stages`) and
+runs for the first stage's best step (the trainer's `max_steps_from_best`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +83,11 @@ class ProtoNet(Task):
         optimizer: a partial optimizer (`_partial_: true`) over the embedding's parameters.
         distance: `euclidean` (squared) or `cosine`.
         pixel_baseline: also score nearest-prototype on raw pixels (Euclidean) on every evaluation episode.
+        reinit_stages: stages that start again from the initial weights (the retraining phase on train+val).
     """
 
     def __init__(self, embedding: nn.Module, optimizer: Callable[..., torch.optim.Optimizer],
-                 distance: str = "euclidean", pixel_baseline: bool = True) -> None:
+                 distance: str = "euclidean", pixel_baseline: bool = True, reinit_stages: Sequence[str] = ()) -> None:
         super().__init__()
         if distance not in DISTANCES:
             raise ValueError(f"distance={distance!r}: expected one of {DISTANCES}")
@@ -89,6 +95,23 @@ class ProtoNet(Task):
         self.optimizer_factory = optimizer
         self.distance = distance
         self.pixel_baseline = pixel_baseline
+        self.reinit_stages = tuple(reinit_stages)
+        self._initial = {k: v.detach().clone() for k, v in self.state_dict().items()} if reinit_stages else {}
+        self._reinitialised: list[str] = []
+
+    def on_stage_start(self, stage: str, data: Any) -> None:
+        """Restore the initial weights at the start of a stage in `reinit_stages`, once (a run resumed inside that
+        stage keeps its progress: the checkpoint records that the stage was reinitialised)."""
+        super().on_stage_start(stage, data)
+        if stage in self.reinit_stages and stage not in self._reinitialised:
+            self.load_state_dict(self._initial)
+            self._reinitialised.append(stage)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"reinitialised": list(self._reinitialised)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self._reinitialised = list(state.get("reinitialised", []))
 
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"model": self.optimizer_factory(self.parameters())}
@@ -208,7 +231,7 @@ def study_figure(study: dict[str, Any], out_dir: Path) -> list[Path]:
                 seeds = [100 * v for v in values[(name, s)]]
                 ax.plot([s] * len(seeds), seeds, ".", color=line[0].get_color(), alpha=0.5)
     ax.set_xlabel("shots per class (K)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%): line = median of seeds,\ndots = seeds, bars = median 95% CI", fontsize=8)
     ax.set_xticks(sorted({s for _, s in acc} | {s for _, s in pix}))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

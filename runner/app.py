@@ -345,6 +345,7 @@ def _open_train_close(cfg: DictConfig, run_dir: Path, record: RunRecord, start: 
     seed_everything(int(cfg.seed), cfg.trainer.deterministic)
     data = _build("dataset", cfg.dataset)
     task = _build("model", cfg.model)
+    task.setup(data)
     task.cache_dir = run_dir / "cache" if main else None
     trainer = Trainer(cfg.trainer, device, run_dir, loggers, int(cfg.seed), dist, wandb_id=loggers.wandb_id)
     trainer.channels_last = bool(cfg.hardware.channels_last) and device.type == "cuda"

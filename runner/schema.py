@@ -154,7 +154,7 @@ class MlrunConf:
     gets `dataset.root=<that folder>`."""
 
 
-STAGE_KEYS = ("name", "batch_size", "split", "args")
+STAGE_KEYS = ("name", "batch_size", "split", "args", "max_steps_from_best")
 """Keys of a stage spec that are not trainer settings: the rest override `trainer` for that stage."""
 GROUPS = {"trainer": TrainerConf, "hardware": HardwareConf, "logger": LoggerConf, "cache": CacheConf}
 NAME = re.compile(r"^[^/\x00]{1,200}$")

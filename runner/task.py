@@ -35,6 +35,10 @@ class Task(nn.Module):
     """Where a task may write what it computes once and others may reuse (frozen features, say): the run's
     `cache/` on the main process, None on other DDP ranks and outside a run. Set by the runner."""
 
+    def setup(self, data: Any) -> None:
+        """Called once with the data module, after construction and before a checkpoint is restored: build what
+        follows from the data (a classifier over the data's candidate answers), so that a resumed run fits."""
+
     def configure_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {}
 

@@ -405,6 +405,7 @@ class Trainer:
     def resume_plan(self, data: DataModule, stages: list[dict[str, Any]], resume: dict) -> tuple[int, dict]:
         """(stage to start at, checkpoint state to start it from), or a ConfigError naming what cannot be done."""
         pos = resume["position"]
+        self.best = resume.get("best") or self.best  # a `max_steps_from_best` stage's length comes from it
         start, end = pos["stage_index"], pos.get("stage_end")
         if start > len(stages):
             raise ConfigError(f"the checkpoint has finished {start} stages; this config has {len(stages)}: "
@@ -452,6 +453,13 @@ class Trainer:
             raise ConfigError(f"stage '{name}': the {split} split has {n} items, fewer than one batch of {bs}")
         accumulate = max(int(cfg.accumulate), 1)
         steps = int(cfg.max_epochs * per_epoch // accumulate) if cfg.max_epochs is not None else int(cfg.max_steps)
+        if spec.get("max_steps_from_best"):
+            # Retrain for the length an earlier stage chose by its monitored metric (select on val, then train
+            # on train+val for that many steps: ProtoNets' protocol).
+            if self.best.get("stage_step") is None:
+                raise ValueError(f"stage '{name}': max_steps_from_best needs an earlier stage with a monitor that "
+                                 "was evaluated (trainer.monitor and eval_every in that stage)")
+            steps = int(self.best["stage_step"])
         if cfg.step_limit is not None:
             steps = min(steps, int(cfg.step_limit))
         return cfg, steps, per_epoch
@@ -693,7 +701,7 @@ class Trainer:
         if cfg.monitor:
             value = metrics[cfg.monitor]
             if self._improved(value, cfg):
-                self.best = {"value": value, "step": self.global_step, "stage": stage}
+                self.best = {"value": value, "step": self.global_step, "stage": stage, "stage_step": step}
                 self._bad_evals = 0
                 save("best.pt")
             else:

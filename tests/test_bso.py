@@ -4,14 +4,13 @@ autograd, the recomputed scores against the search's own, and the beam curriculu
 from __future__ import annotations
 
 import itertools
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from mlrun.datasets.translation import BOS, EOS, PAD
-from mlrun.models.bso import BSO, Permutation, Seq2Seq, Successors, beam_search, bso_loss, summarize
+from mlrun.datasets.translation import BOS, EOS, PAD, Seq2SeqData, Vocab
+from mlrun.models.bso import BSO, Permutation, Seq2Seq, Successors, beam_search, bso_loss, summarize, xent_loss
 
 V = 7  # PAD BOS EOS UNK + words 4, 5, 6
 
@@ -127,7 +126,8 @@ class TableNet(Seq2Seq):
         where = t.long() * self.tgt_vocab + tokens
         return nn.functional.one_hot(where, self.table.shape[0] * self.tgt_vocab).float(), (t + 1,)
 
-    def scores(self, features: Tensor) -> Tensor:
+    def scores(self, features: Tensor, words: Tensor | None = None) -> Tensor:
+        assert words is None
         return features @ self.table.flatten(0, 1)
 
     def score_of(self, features: Tensor, words: Tensor) -> Tensor:
@@ -214,6 +214,7 @@ def test_recomputed_scores_equal_the_search_scores(con, dropout):
     viol = info["viol"][:, : info["pred_scores"].shape[1]]
     assert info["violations"] > 0
     torch.testing.assert_close(info["pred_scores"][viol], info["search_scores"][:, : viol.shape[1]][viol])
+    torch.testing.assert_close(info["gold_scores"], info["search_gold"][:, : viol.shape[1]])
     loss.backward()
     assert all(p.grad is not None for p in net.out.parameters())
 
@@ -235,34 +236,144 @@ def test_a_bso_step_reduces_the_margin_loss():
     assert float(last) < 0.5 * float(first)
 
 
+# ---------------------------------------------------------------------------------------------- batching
+
+
+def test_grouped_attention_equals_a_copy_of_the_memory_per_row():
+    """A beam's K rows attend to their sentence's memory in one product; the result is that of replicating
+    the memory per row (the unbatched form)."""
+    net = tiny_net(6, layers=2)
+    memory, state = net.encode(SRC, SRC_LEN)
+    K = 4
+    rows = torch.arange(3).repeat_interleave(K)
+    torch.manual_seed(0)
+    state = tuple(s.index_select(0, rows) + 0.1 * torch.randn_like(s.index_select(0, rows)) for s in state)
+    tokens = torch.randint(3, V, (3 * K,))
+    mask = torch.bernoulli(torch.full((3, 2, 8), 0.7)) / 0.7
+    grouped, gstate = net.step(tokens, state, memory, mask)
+    copied, cstate = net.step(tokens, state, tuple(m.index_select(0, rows) for m in memory), mask.index_select(0, rows))
+    torch.testing.assert_close(grouped, copied)
+    for a, b in zip(gstate, cstate):
+        torch.testing.assert_close(a, b)
+
+
+def test_permutation_columns_are_the_distinct_source_words_then_eos():
+    src = torch.tensor([[4, 5, 4, 6], [6, 6, PAD, PAD]])
+    words, counts = Permutation().init(src, V)
+    assert words.tolist() == [[4, 5, PAD, 6, EOS], [6, PAD, PAD, PAD, EOS]]
+    assert counts.tolist() == [[2, 1, 0, 1, 0], [2, 0, 0, 0, 0]]
+    perm = Permutation()
+    assert perm.allowed(counts, V).tolist() == [[True, True, False, True, False], [True, False, False, False, False]]
+    used = perm.advance(perm.advance(counts[1:], torch.tensor([0])), torch.tensor([0]))
+    assert perm.allowed(used, V).tolist() == [[False, False, False, False, True]]
+    net = tiny_net(7)
+    feats = torch.randn(2 * 3, 8)  # 3 rows per sentence
+    torch.testing.assert_close(net.scores(feats, words),
+                               net.scores(feats).view(2, 3, V).gather(2, words[:, None].expand(2, 3, 5)).view(6, 5))
+
+
 # ---------------------------------------------------------------------------------------------- task and study
+
+
+class TinyPairs(Seq2SeqData):
+    """Word ordering over the three words of the tiny vocabulary (ids 4, 5, 6)."""
+
+    def __init__(self, bucket: bool = True) -> None:
+        super().__init__(batch_size=4, eval_batch_size=3, bucket=bucket)
+        self.src_vocab = self.tgt_vocab = Vocab(["a", "b", "c"])
+        sents = [s.split() for s in ("a b c", "c a", "b b a c", "c b", "a c b a", "b a")]
+        rev = [list(reversed(s)) for s in sents]
+        self.pairs = {"train": (rev * 2, sents * 2), "val": (rev[:3], sents[:3]), "test": (rev[3:], sents[3:])}
+
+
+def test_stage_args_select_an_arm_over_the_models_defaults():
+    task = BSO(tiny_net(0), torch.optim.Adagrad, loss="xent", arms={"conbso": {"loss": "bso",
+               "successors": "permutation", "max_beam": 3}})
+    data = TinyPairs()
+    task.stage_args = {}
+    task.on_stage_start("pretrain", data)
+    assert not task.searching() and task.violations_start is None
+    task.stage_args = {"arm": "conbso", "beam_start": 3}
+    task.on_stage_start("train", data)
+    assert task.searching() and task.settings["successors"] == "permutation" and task.beam_size() == 3
+    assert task.violations_start is not None  # measured on val before any BSO step
+    for bad in ({"arm": "nope"}, {"lr": 0.1}):
+        task.stage_args = bad
+        with pytest.raises(ValueError, match="arm|expected keys"):
+            task.on_stage_start("train", data)
 
 
 def test_beam_curriculum_grows_every_two_epochs_up_to_the_maximum():
     task = BSO(tiny_net(0), torch.optim.Adam, loss="bso", beam_start=2, max_beam=6, epochs_per_beam=2)
-    data = SimpleNamespace(tgt_vocab=None, batch_size=10, dataset=lambda split, stage=None: range(100))
-    task.on_stage_start("train", data)
-    sizes = []
-    for epoch in range(14):
-        task.stage_steps["train"] = epoch * 10
-        sizes.append(task.beam_size())
+    task.on_stage_start("train", TinyPairs())
+    assert task.steps_per_epoch == 4  # 12 pairs in batches of one length, <= 4 each: 6 + 2 + 4 -> 2 + 1 + 1
+    sizes = [task.beam_size(epoch * 4) for epoch in range(14)]
     assert sizes == [2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 6, 6, 6, 6]
-    task.on_stage_start("pretrain", data)
-    assert not task.searching()
 
 
-def test_summarize_reports_gains_over_seq2seq():
-    def group(*bleus):
-        return {f"test/bleu_k{k}": {"median": b} for k, b in zip((1, 5, 10), bleus)}
-
-    study = {"groups": {"xent_all": group(20.0, 22.0, 23.0), "bso_all": group(21.0, 24.5, 26.0)}}
-    assert summarize(study) == pytest.approx({"gain_k1": 1.0, "gain_k5": 2.5, "gain_k10": 3.0})
-
-
-def test_each_stage_gets_a_fresh_optimizer_with_its_own_learning_rate():
-    task = BSO(tiny_net(0), lambda params, lr=0.003: torch.optim.Adam(params, lr=lr), stage_lr={"train": 0.001})
-    data = SimpleNamespace(tgt_vocab=None, batch_size=10, dataset=lambda split, stage=None: range(100))
-    task.on_stage_start("pretrain", data)
-    assert task.configure_optimizers()["model"].param_groups[0]["lr"] == 0.003
+def test_adagrad_per_layer_rates_and_its_state_reset_when_the_beam_grows():
+    """The authors' -layer_etas (encoder, decoder, generator) and the zeroed Adagrad sums at each beam increase."""
+    net = tiny_net(0, layers=1).train()
+    task = BSO(net, torch.optim.Adagrad, loss="bso", max_beam=3, epochs_per_beam=1, layer_lrs=[0.02, 0.01, 0.2])
+    data = TinyPairs()
     task.on_stage_start("train", data)
-    assert task.configure_optimizers()["model"].param_groups[0]["lr"] == 0.001
+    opt = task.configure_optimizers()["model"]
+    assert [g["lr"] for g in opt.param_groups] == [0.02, 0.01, 0.2]
+    ids = [{id(p) for p in g["params"]} for g in opt.param_groups]
+    assert ids[0] == {id(p) for m in (net.src_emb, net.encoder) for p in m.parameters()}
+    assert ids[2] == {id(net.out.weight), id(net.out.bias)}
+    assert sum(map(len, ids)) == len(list(net.parameters()))
+    train = data.dataset("train")
+    sums = []
+    for step in range(5):  # 4 steps an epoch: the beam grows 2 -> 3 before the 5th
+        loss = next(task.training_step(train[step % len(train)]))[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sums.append(sum(float(st["sum"].abs().sum()) for st in opt.state.values()))
+    assert task.stage_steps["train"] == 5 and task.beam_size() == 3
+    assert sums[0] < sums[1] < sums[2] < sums[3]
+    assert sums[4] < sums[3]  # zeroed before the 5th update: only that step's squared gradient remains
+
+
+def test_xent_loss_sums_words_and_averages_sentences():
+    net = tiny_net(2)
+    batch = TinyPairs(bucket=False).collate([TinyPairs(bucket=False).dataset("train")[i] for i in range(3)])
+    memory, state = net.encode(batch["src"], batch["src_len"])
+    feats, _ = net.teacher_force(memory, state, batch["tgt"])
+    logp = net.scores(feats).log_softmax(-1).gather(2, batch["tgt"][..., None]).squeeze(2)
+    want = -(logp * (batch["tgt"] != PAD)).sum() / 3
+    assert float(xent_loss(net, batch)) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_evaluation_reports_constrained_and_free_bleu_and_violations():
+    task = BSO(tiny_net(1), torch.optim.Adagrad, loss="xent", decode="permutation", report_free=True,
+               val_beams=[2], test_beams=[1, 3], arms={"bso": {"loss": "bso", "max_beam": 2}})
+    data = TinyPairs()
+    task.on_stage_start("pretrain", data)
+    val = task.evaluate(task._batches(data, "val"), "val")
+    assert set(val) == {"bleu_k2", "bleu_free_k2", "ppl"}
+    task.stage_args = {"arm": "bso"}
+    task.on_stage_start("train", data)
+    val = task.evaluate(task._batches(data, "val"), "val")
+    assert set(val) == {"bleu_k2", "bleu_free_k2", "violations", "violations_start"}
+    assert val["violations"] == val["violations_start"]  # no BSO step yet
+    test = task.evaluate(task._batches(data, "test"), "test")
+    assert set(test) == {"bleu_k1", "bleu_k3", "bleu_free_k1", "bleu_free_k3"}
+    state = task.extra_state()
+    again = BSO(tiny_net(1), torch.optim.Adagrad, loss="xent", decode="permutation")
+    again.load_extra_state(state)
+    assert again.searching()  # an evaluation-only run decodes the way the last stage trained
+
+
+def test_summarize_reports_gains_over_seq2seq_and_violation_ratios():
+    def group(*bleus, viol=None):
+        g = {f"test/bleu_k{k}": {"median": b} for k, b in zip((1, 5, 10), bleus)}
+        if viol:
+            g["val/violations_start"], g["val/violations"] = {"median": viol[0]}, {"median": viol[1]}
+        return g
+
+    study = {"groups": {"seq2seq": group(20.0, 22.0, 23.0), "bso_k6": group(21.0, 24.5, 26.0, viol=(6.0, 2.0)),
+                        "bso_k2": group(20.5, 21.0, 21.0)}}
+    assert summarize(study) == pytest.approx({"gain_bso_k2_k1": 0.5, "gain_bso_k6_k5": 2.5, "gain_bso_k6_k10": 3.0,
+                                              "viol_ratio_bso_k6": 1 / 3})

@@ -88,17 +88,38 @@ def digits():
 
 def test_digits_splits_never_share_a_class_or_image(digits):
     train_x, train_y, train_c = digits.pools["train"]
-    assert len(train_c) == 20  # digits 0-4 x 4 rotations
+    assert train_c == [4 * d + r for d in range(5) for r in (0, 1, 2)]  # digits 0-4 at 0/90/180 degrees
     assert set(train_y.tolist()) == set(train_c)
-    assert digits.pools["val"][2] == digits.pools["test"][2] == [5, 6, 7, 8, 9]
-    assert set((train_y // 4).tolist()) == {0, 1, 2, 3, 4}
-    from mlrun.datasets.digits import load_digits_arrays, split_indices
+    _, val_y, val_c = digits.pools["val"]
+    assert val_c == [4 * d + 3 for d in range(5)]  # the held-out 270-degree rotations: never trained on
+    assert not set(val_c) & set(train_c)
+    test_x, test_y, test_c = digits.pools["test"]
+    assert test_c == [5, 6, 7, 8, 9] and set(test_y.tolist()) == set(test_c)
+    from mlrun.datasets.digits import load_digits_arrays
 
-    _, y = load_digits_arrays()
-    unseen = np.isin(y, [5, 6, 7, 8, 9])
-    n_val = int(unseen[split_indices()["val"]].sum())
-    assert len(digits.pools["val"][1]) == n_val and len(digits.pools["test"][1]) == unseen.sum() - n_val
-    assert len(train_x) == 4 * int((~unseen).sum())
+    x, y = load_digits_arrays()
+    seen = np.isin(y, [0, 1, 2, 3, 4])
+    assert len(train_x) == 3 * seen.sum() and len(val_y) == seen.sum() and len(test_y) == (~seen).sum()
+    # val images are rotations of training images, never test images: no pixel array of val or test is in train
+    rows = {tuple(r) for r in train_x.flatten(1).tolist()}
+    assert not any(tuple(r) in rows for r in test_x.flatten(1).tolist())
+    assert not fs.FewShotDigits(val_rotations=[]).pools.keys() & {"val"}
+    with pytest.raises(ValueError, match="val_rotations"):
+        fs.FewShotDigits(val_rotations=[45])
+
+
+def test_trainval_stage_trains_on_train_and_val_classes_and_hides_val(digits):
+    d = fs.FewShotDigits(n_way=5, k_shot=1, q_queries=1, train_way=20, test_episodes=2, val_episodes=2,
+                         trainval_stages=["retrain"])
+    with pytest.raises(ValueError, match="20-way"):
+        d.dataset("train", "select")  # 15 training classes only
+    retrain = d.dataset("train", "retrain")
+    assert sorted(retrain.classes) == list(range(20))  # train's 15 classes + val's 5
+    e = retrain[0]
+    assert fs.episode_setting(e) == (20, 1)
+    with pytest.raises(KeyError):
+        d.dataset("val", "retrain")
+    assert len(d.dataset("val", "select")) == 2 and len(d.dataset("test", "retrain")) == 2
 
 
 def test_digits_rotation_classes_are_rotated_originals(digits):
@@ -141,6 +162,25 @@ def test_omniglot_fixture_vinyals_split(tmp_path):
         fs.Omniglot(root=str(tmp_path), test_episodes=2, train_way=5).dataset("val")  # trainval: no val split
 
 
+def test_omniglot_as_released_uses_the_shipped_vinyals_split(tmp_path):
+    """torchvision's release has no split files: the loader falls back on the lists shipped with mlrun (1,200
+    training characters, 423 test characters, x 4 rotations) and finds every character they name."""
+    lists = {f: (fs.SPLITS_DIR / "omniglot_vinyals" / f"{f}.txt").read_text().split()
+             for f in ("train", "val", "trainval", "test")}
+    assert {f: len(v) for f, v in lists.items()} == {"train": 4112, "val": 688, "trainval": 4800, "test": 1692}
+    assert set(lists["train"]) | set(lists["val"]) == set(lists["trainval"])
+    assert not set(lists["trainval"]) & set(lists["test"])
+    assert not {c.rpartition("/")[0] for c in lists["trainval"]} & {c.rpartition("/")[0] for c in lists["test"]}
+    fs.write_omniglot_fixture(tmp_path, drawers=2, released=True, image_size=8)
+    base = tmp_path / "omniglot-py"
+    assert not (base / "splits").exists() and fs.omniglot_split_dir(base) == fs.SPLITS_DIR / "omniglot_vinyals"
+    d = fs.Omniglot(root=str(tmp_path), n_way=5, k_shot=1, q_queries=1, train_way=60, test_queries=1,
+                    test_ways=[5], test_episodes=2, train_split="train", trainval_stages=["retrain"])
+    assert {k: len(v[2]) for k, v in d.pools.items()} == {"train": 4112, "val": 688, "test": 1692}
+    assert len(d.dataset("train", "retrain").classes) == 4800
+    assert fs.episode_setting(d.dataset("train")[0]) == (60, 1)
+
+
 def test_omniglot_missing_data_names_path(tmp_path):
     with pytest.raises(DataError, match="images_background"):
         fs.Omniglot(root=str(tmp_path))
@@ -171,6 +211,17 @@ def test_miniimagenet_fixture(tmp_path):
     (tmp_path / "miniimagenet" / "val.csv").unlink()
     with pytest.raises(DataError, match="val.csv"):
         fs.MiniImageNet(root=str(tmp_path))
+
+
+@pytest.mark.parametrize("folder", ["miniImageNet", "miniimagenet", "miniImagenet"])
+def test_miniimagenet_folder_found_under_any_usual_spelling(tmp_path, folder):
+    fs.write_miniimagenet_fixture(tmp_path, subdir=folder, classes=5, per_class=2, size=8)
+    d = fs.MiniImageNet(root=str(tmp_path), k_shot=1, q_queries=1, train_way=5, test_episodes=1)
+    assert len(d.pools["train"][2]) == 5
+    with pytest.raises(DataError, match="mini-imagenet"):  # an explicit subdir is taken as given
+        fs.MiniImageNet(root=str(tmp_path), subdir="mini-imagenet")
+    with pytest.raises(DataError, match="miniimagenet,miniImageNet,miniImagenet"):
+        fs.MiniImageNet(root=str(tmp_path / "empty"))
 
 
 def test_episode_setting_reads_way_and_shot():

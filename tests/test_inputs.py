@@ -88,7 +88,7 @@ BAD = [
     ("trainer.limit_eval_batches=0", "trainer.limit_eval_batches=0: expected an integer >= 1 or null"),
     ("experiment_name=" + "a" * 300, "File name too long"),
     ("stages=[{name:a,max_step:3}]", "stages.0.max_step=3: a stage takes trainer keys and name, batch_size, split, "
-                                     "args (did you mean max_steps?)"),
+                                     "args, max_steps_from_best (did you mean max_steps?)"),
     ("trainer.scheduler=abc", "trainer.scheduler=abc: expected a partial `_target_` mapping"),
     ("trainer.max_step=3", "trainer.max_step=3: Key 'max_step' not in 'TrainerConf'; did you mean trainer.max_steps?"),
     ("sed=3", "sed=3: Key 'sed' not in 'MlrunConf'; did you mean seed?"),

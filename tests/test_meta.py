@@ -19,8 +19,11 @@ from mlrun.models.meta import (
     conjugate_gradient,
     hessian_vector_product,
     imaml_meta_gradient,
+    memory_growth,
     params_of,
+    pixel_nearest_neighbour,
     proximal_gd,
+    proximal_newton_cg,
     saved_tensor_bytes,
     study_figure,
     summarize,
@@ -193,6 +196,87 @@ def test_proximal_gd_converges_to_the_regularised_minimiser():
     assert all(p.grad_fn is None for p in phi.values())  # no graph kept through the inner loop
 
 
+class _Quadratic(nn.Module):
+    """L(φ) = ½ φᵀAφ - bᵀφ through the learner interface: forward returns φ, the loss function does the rest."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.phi = nn.Parameter(torch.randn(d, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.phi
+
+
+def _quadratic(d=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(torch.linspace(0.1, 20.0, d, dtype=torch.float64)) @ q.T
+    b = torch.randn(d, generator=g, dtype=torch.float64)
+    return a, b, (lambda phi, _y: 0.5 * phi @ a @ phi - b @ phi)
+
+
+def test_hessian_free_inner_solver_reaches_the_closed_form_on_a_quadratic():
+    """min_φ ½φᵀAφ - bᵀφ + (λ/2)||φ - θ||² has the solution (A + λI)^-1 (b + λθ): one Newton step whose CG runs
+    dim steps lands on it (unit step accepted by the line search); with the paper's 5 CG steps a few Newton steps
+    converge to it."""
+    torch.manual_seed(0)
+    d, lam = 12, 2.0
+    net = _Quadratic(d)
+    a, b, loss = _quadratic(d)
+    theta = params_of(net)
+    star = torch.linalg.solve(a + lam * torch.eye(d, dtype=torch.float64), b + lam * net.phi.detach())
+    x = torch.zeros(1)
+    one = proximal_newton_cg(net, theta, x, None, steps=1, cg_steps=d, lam=lam, loss_fn=loss)
+    torch.testing.assert_close(one["phi"].detach(), star)
+    few = proximal_newton_cg(net, theta, x, None, steps=6, cg_steps=5, lam=lam, loss_fn=loss)
+    torch.testing.assert_close(few["phi"].detach(), star, atol=1e-8, rtol=1e-6)
+    gd = proximal_gd(net, theta, x, None, steps=6, lr=0.04, lam=lam, loss_fn=loss)  # 6 GD steps are far from it
+    assert float((gd["phi"].detach() - star).norm()) > 100 * float((few["phi"].detach() - star).norm())
+    assert all(p.grad_fn is None and p.requires_grad for p in few.values())
+
+
+def test_hessian_free_inner_solver_minimises_the_proximal_objective_of_a_network():
+    """Cross-entropy on a small net (indefinite H possible): each Newton step decreases the proximal objective, and a
+    few steps land where hundreds of GD steps converge."""
+    torch.manual_seed(0)
+    lam = 2.0
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    theta = params_of(net)
+    g = torch.Generator().manual_seed(3)
+    xs, ys = torch.randn(12, 6, generator=g, dtype=torch.float64), torch.arange(4).repeat(3)
+
+    def objective(phi):
+        prox = sum((p - theta[n].detach()).pow(2).sum() for n, p in phi.items())
+        return float((F.cross_entropy(functional_call(net, phi, (xs,)), ys) + 0.5 * lam * prox).detach())
+
+    values = [objective({n: p.detach() for n, p in theta.items()})]
+    for k in (1, 2, 3):
+        values.append(objective(proximal_newton_cg(net, theta, xs, ys, k, 5, lam, F.cross_entropy)))
+    assert values[0] > values[1] > values[2] >= values[3]
+    ref = proximal_gd(net, theta, xs, ys, steps=2000, lr=0.05, lam=lam, loss_fn=F.cross_entropy)
+    hf = proximal_newton_cg(net, theta, xs, ys, 8, 10, lam, F.cross_entropy)
+    assert objective(hf) == pytest.approx(objective(ref), abs=1e-7)
+    for n in ref:
+        torch.testing.assert_close(hf[n].detach(), ref[n].detach(), atol=1e-4, rtol=1e-3)
+
+
+def test_imaml_hf_meta_gradient_matches_the_closed_form_on_linear_regression():
+    """iMAML-HF: the Newton-CG inner solve lands on φ* of linear regression in one step (CG exact after dim steps),
+    so the implicit meta-gradient equals the closed form, as iMAML-GD's does after many steps."""
+    torch.manual_seed(0)
+    d, lam = 5, 2.0
+    net = nn.Linear(d, 1).double()
+    (xs, ys), (xq, yq) = _regression_task(d)
+    gd, _, _ = imaml_meta_gradient(net, params_of(net), (xs, ys), (xq, yq), steps=400, lr=0.1, lam=lam,
+                                   cg_steps=d + 1, loss_fn=mse)
+    hf, _, _ = imaml_meta_gradient(net, params_of(net), (xs, ys), (xq, yq), steps=1, lr=0.1, lam=lam,
+                                   cg_steps=d + 1, loss_fn=mse, inner_solver="hf", hf_cg_steps=d + 1)
+    for a, b in zip(hf, gd):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="inner_solver"):
+        IMAML(ConvLearner(channels=4, image_size=8), adam, inner_solver="newton")
+
+
 # ---------------------------------------------------------------------------------------------- MAML
 
 
@@ -310,27 +394,42 @@ def test_maml_memory_grows_with_inner_steps_and_imaml_memory_does_not():
     assert m[0] < m[1] < m[2]
     # linear in K: the per-step increment is the same between 1->5 and 5->20
     assert math.isclose((m[2] - m[1]) / 15, (m[1] - m[0]) / 4, rel_tol=0.05)
-    assert m[2] / m[0] >= 10
+    growth = memory_growth(dict(zip((1, 5, 20), m)))
+    assert growth["saved_step_spread"] == pytest.approx(max((m[2] - m[1]) / 15, (m[1] - m[0]) / 4)
+                                                        / min((m[2] - m[1]) / 15, (m[1] - m[0]) / 4))
+    assert growth["saved_step_over_first"] > 0.05
     for name in ("fomaml", "imaml"):
         assert max(saved[name]) == min(saved[name]) > 0
     assert saved_tensor_bytes(lambda: None) == 0
+
+
+def test_memory_growth_hand_computed():
+    out = memory_growth({1: 2.0, 5: 6.0, 10: 11.0, 20: 23.0})  # increments per step: 1.0, 1.0, 1.2
+    assert out == pytest.approx({"saved_max_over_min": 11.5, "saved_step_spread": 1.2, "saved_step_over_first": 0.5})
+    flat = memory_growth({1: 3.0, 20: 3.0})
+    assert flat["saved_max_over_min"] == 1.0 and math.isnan(flat["saved_step_spread"])
+    assert memory_growth({1: 3.0}) == {}
 
 
 # ---------------------------------------------------------------------------------------------- study
 
 
 def test_summarize_and_figure(tmp_path):
-    def group(acc, k1, k20):
-        return {"test/acc": {"median": acc}, "test/acc_ci95": {"median": 0.01},
-                "test/saved_mib_k1": {"median": k1}, "test/saved_mib_k20": {"median": k20}}
+    def run(label, seed, acc, k1=None, k20=None):
+        metrics = {"test/acc": acc, "test/acc_ci95": 0.01, "test/pixel_acc": 0.7}
+        if k1 is not None:
+            metrics.update({"test/saved_mib_k1": k1, "test/saved_mib_k20": k20, "test/saved_max_over_min": k20 / k1})
+        return {"status": "completed", "label": label, "seed": seed, "metrics": metrics}
 
-    study = {"groups": {"maml": group(0.8, 1.0, 12.0), "imaml": group(0.79, 2.0, 2.0)},
-             "runs": [{"status": "completed", "label": "maml", "metrics": {"test/acc": 0.8}}]}
-    out = summarize(study)
-    assert out["maml/saved_ratio_k20_k1"] == 12.0
-    assert out["imaml/saved_ratio_k20_k1"] == 1.0
-    assert out["imaml/test/acc"] == 0.79
-    paths = study_figure(study, tmp_path)
+    runs = [run("maml", 0, 0.8, 1.0, 12.0), run("maml", 1, 0.82, 1.0, 12.0), run("imaml", 0, 0.79, 2.0, 2.0),
+            run("untrained", 0, 0.7), {"status": "failed", "label": "imaml", "seed": 1, "metrics": {}}]
+    out = summarize({"runs": runs})
+    assert out["maml/test/acc"] == pytest.approx(0.81)  # the median of the seeds given
+    assert out["imaml/test/saved_max_over_min"] == 1.0 and out["maml/test/saved_mib_k20"] == 12.0
+    assert out["untrained/test/acc"] == 0.7 and "untrained/test/saved_mib_k1" not in out
+    assert out["pixels/test/acc"] == 0.7
+    assert summarize({"runs": runs[:1]})["maml/test/acc"] == 0.8  # one seed's runs: that seed's values
+    paths = study_figure({"runs": runs}, tmp_path)
     assert paths[0].exists() and paths[0].stat().st_size > 1000
 
 
@@ -364,5 +463,74 @@ def test_adapt_takes_sgd_steps_from_theta_and_evaluate_scores_each_episode():
                           .mean()))
     assert out["acc"] == pytest.approx(sum(accs) / 4)
     assert out["acc_ci95"] == pytest.approx(1.96 * torch.tensor(accs).std().item() / 2)
-    assert 0 < out["saved_mib_k1"] < out["saved_mib_k3"]
+    pixel = [float((pixel_nearest_neighbour((ep["support"], ep["support_y"]), ep["query"]) == ep["query_y"]).float()
+                   .mean()) for ep in episodes]
+    assert out["pixel_acc"] == pytest.approx(sum(pixel) / 4)
+    assert 0 < out["saved_mib_k1"] < out["saved_mib_k3"] and "saved_step_spread" in out
     assert "saved_mib_k1" not in model.evaluate(episodes, "val")
+
+
+def test_every_method_adapts_the_same_way_at_test_time():
+    """The test-time adaptation is the shared one (steps, lr, λ), whatever the method trains with: MAML and iMAML
+    holding the same θ give the same φ and the same scores; extra adaptations are scored beside it."""
+    torch.manual_seed(0)
+    maml = MAML(ConvLearner(channels=4, image_size=8), adam, inner_steps=5, inner_lr=0.4, test_steps=3, test_lr=0.1,
+                test_adaptations={"prox": {"steps": 2, "lr": 0.1, "lam": 2.0}})
+    imaml = IMAML(ConvLearner(channels=4, image_size=8), adam, inner_steps=16, inner_lr=0.1, lam=1.0, test_steps=3,
+                  test_lr=0.1, test_adaptations={"prox": {"steps": 2, "lr": 0.1, "lam": 2.0}})
+    imaml.learner.load_state_dict(maml.learner.state_dict())
+    ep = episode(queries=3)
+    support = (ep["support"], ep["support_y"])
+    for a, b in zip(maml.adapt(support).values(), imaml.adapt(support).values()):
+        torch.testing.assert_close(a, b)
+    by_hand = params_of(maml.learner)
+    for _ in range(3):  # λ = 0: plain SGD steps
+        gs = torch.autograd.grad(F.cross_entropy(functional_call(maml.learner, by_hand, (support[0],)), support[1]),
+                                 list(by_hand.values()))
+        by_hand = {n: p - 0.1 * g for (n, p), g in zip(by_hand.items(), gs)}
+    for a, b in zip(maml.adapt(support).values(), by_hand.values()):
+        torch.testing.assert_close(a, b)
+    prox = proximal_gd(maml.learner, params_of(maml.learner), *support, 2, 0.1, 2.0, F.cross_entropy)
+    for a, b in zip(maml.adapt(support, 2, 0.1, 2.0).values(), prox.values()):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        out_m, out_i = maml.evaluate([ep], "test"), imaml.evaluate([ep], "test")
+    assert {k: out_m[k] for k in ("acc", "acc_prox", "pixel_acc")} == {k: out_i[k] for k in ("acc", "acc_prox",
+                                                                                             "pixel_acc")}
+    assert "acc_prox" in maml.evaluate([ep], "val")
+
+
+def test_vectorised_adaptation_equals_adapting_each_task():
+    """adapt_many (vmap over tasks) gives each task the φ of `adapt`, and evaluate scores the same whatever the chunk
+    (a change of episode shape starts a new chunk)."""
+    torch.manual_seed(0)
+    model = MAML(ConvLearner(channels=4, image_size=8), adam, inner_steps=5, test_steps=4, test_lr=0.2, test_lam=0.5)
+    batch = episode(tasks=3, queries=2)
+    many = model.adapt_many((batch["support"], batch["support_y"]))
+    for i in range(3):
+        one = model.adapt((batch["support"][i], batch["support_y"][i]))
+        for n, p in one.items():
+            torch.testing.assert_close(many[n][i], p, rtol=1e-4, atol=1e-5)
+    episodes = [episode(queries=3, seed=i) for i in range(4)] + [episode(n_way=3, queries=3, seed=9)]
+    with torch.no_grad():
+        by_one = MAML(model.learner, adam, test_steps=4, test_lr=0.2, eval_chunk=1).evaluate(episodes, "val")
+        by_three = MAML(model.learner, adam, test_steps=4, test_lr=0.2, eval_chunk=3).evaluate(episodes, "val")
+    assert by_one == pytest.approx(by_three, rel=1e-5)
+
+
+def test_untrained_baseline_takes_no_meta_step_and_reports_no_memory():
+    torch.manual_seed(0)
+    model = MAML(ConvLearner(channels=4, image_size=8), adam, inner_steps=1, meta_train=False, variant="untrained")
+    batch = episode(tasks=2)
+    assert list(model.training_step(batch)) == []
+    model._probe = ((batch["support"][0], batch["support_y"][0]), (batch["query"][0], batch["query_y"][0]))
+    with torch.no_grad():
+        out = model.evaluate([episode(queries=2)], "test")
+    assert "acc" in out and not any(k.startswith("saved_") for k in out)
+
+
+def test_pixel_nearest_neighbour_hand_computed():
+    xs = torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]]).view(3, 1, 1, 2)
+    ys = torch.tensor([2, 0, 1])
+    xq = torch.tensor([[0.9, 1.2], [4.0, 6.0], [0.1, -0.2]]).view(3, 1, 1, 2)
+    assert pixel_nearest_neighbour((xs, ys), xq).tolist() == [0, 1, 2]

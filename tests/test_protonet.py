@@ -136,3 +136,50 @@ def test_study_summary_margins_and_figure(tmp_path):
     paths = pn.study_figure(study, tmp_path / "figs")
     assert paths[0].exists() and paths[0].stat().st_size > 1000
     json.dumps(s)
+
+
+def test_two_phase_protocol_retrains_from_the_same_init_on_train_and_val_for_the_chosen_steps(tmp_path):
+    """The paper's protocol as two stages: `select` trains on the train classes with validation; `retrain` starts
+    again from the initial weights (reinit_stages), on train+val classes (the data's trainval_stages), for the
+    step at which the monitored val metric was best (the trainer's max_steps_from_best)."""
+    from omegaconf import OmegaConf
+
+    from mlrun.datasets.fewshot import FewShotDigits
+    from mlrun.loggers import Loggers
+    from mlrun.schema import LoggerConf, TrainerConf
+    from mlrun.trainer import Trainer
+
+    torch.manual_seed(0)
+    data = FewShotDigits(n_way=5, k_shot=1, q_queries=2, train_way=5, test_episodes=2, val_episodes=3,
+                         trainval_stages=["retrain"])
+    task = pn.ProtoNet(pn.ConvEmbedding(hidden=4, blocks=2, pool_blocks=0), partial(torch.optim.Adam, lr=1e-2),
+                       reinit_stages=["retrain"])
+    initial = {k: v.clone() for k, v in task.state_dict().items()}
+    seen: list[tuple[str, int]] = []
+    step = task.training_step
+
+    def recording_step(batch):
+        seen.append((task.stage, int(batch["support_y"].numel())))
+        yield from step(batch)
+
+    task.training_step = recording_step
+    reinit_seen = []
+    start = task.on_stage_start
+
+    def recording_start(stage, data_):
+        start(stage, data_)
+        reinit_seen.append(all(torch.equal(v, initial[k]) for k, v in task.state_dict().items()))
+
+    task.on_stage_start = recording_start
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainerConf), {"progress": "none", "log_every": 1})
+    trainer = Trainer(cfg, torch.device("cpu"), tmp_path, Loggers(tmp_path, OmegaConf.structured(LoggerConf), {}), 0)
+    trainer.fit(task, data, [{"name": "select", "max_steps": 8, "eval_every": 2, "monitor": "val/loss", "mode": "min"},
+                             {"name": "retrain", "max_steps_from_best": True}])
+    best = trainer.best["stage_step"]
+    assert trainer.best["stage"] == "select" and best in (2, 4, 6, 8)
+    assert [s for s, _ in seen] == ["select"] * 8 + ["retrain"] * best
+    assert reinit_seen == [True, True]  # the retrain stage restarted from the initial weights
+    assert task.extra_state() == {"reinitialised": ["retrain"]}
+    with pytest.raises(ValueError, match="max_steps_from_best"):
+        Trainer(cfg, torch.device("cpu"), tmp_path, Loggers(tmp_path, OmegaConf.structured(LoggerConf), {}), 0).fit(
+            task, data, [{"name": "retrain", "max_steps_from_best": True}])

@@ -11,6 +11,8 @@ from mlrun.datasets.translation import (
     IWSLT14,
     PAD,
     UNK,
+    LengthBatches,
+    PairDataset,
     Vocab,
     collate_pairs,
     merge_bpe,
@@ -32,14 +34,30 @@ def test_vocab_ranks_by_count_then_spelling_and_has_a_fixed_size():
 
 def test_collate_pads_and_keeps_references():
     v = Vocab.build([["a", "b", "c"]], size=7)
-    from mlrun.datasets.translation import PairDataset
-
     ds = PairDataset([["a", "b"], ["c"]], [["b", "a", "c"], ["c"]], v, v)
     batch = collate_pairs([ds[0], ds[1]])
     assert batch["src"].tolist() == [[4, 5], [6, PAD]]
     assert batch["tgt"].tolist() == [[5, 4, 6, EOS], [6, EOS, PAD, PAD]]
     assert batch["src_len"].tolist() == [2, 1] and batch["tgt_len"].tolist() == [4, 2]
     assert batch["refs"] == ["b a c", "c"]
+
+
+def test_length_batches_hold_one_source_length_each_and_every_pair_once(tmp_path):
+    write_iwslt14_fixture(tmp_path, repeat=5)
+    data = IWSLT14(root=str(tmp_path), src_vocab_size=40, tgt_vocab_size=40, batch_size=4, bucket=True)
+    assert data.batch_size is None and data.bucket_size == 4  # the trainer gets whole batches as items
+    train = data.dataset("train")
+    assert isinstance(train, LengthBatches) and data.steps_per_epoch() == len(train)
+    seen = []
+    for batch in train.batches:
+        assert len(batch["refs"]) <= 4
+        assert len(set(batch["src_len"].tolist())) == 1 and (batch["src"] != PAD).all()
+        seen.extend(zip(batch["src"].tolist(), batch["refs"]))
+    flat = PairDataset(*data.pairs["train"], data.src_vocab, data.tgt_vocab)
+    assert sorted(seen) == sorted((flat[i][0].tolist(), flat[i][2]) for i in range(len(flat)))
+    assert not isinstance(data.dataset("val"), LengthBatches)  # evaluation keeps padded batches of pairs
+    plain = IWSLT14(root=str(tmp_path), src_vocab_size=40, tgt_vocab_size=40, batch_size=4)
+    assert plain.batch_size == 4 and plain.steps_per_epoch() == len(flat) // 4
 
 
 def test_merge_bpe_undoes_subword_joints():
