@@ -464,6 +464,9 @@ def print_help() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    # A W&B service address inherited from a parent process (a notebook, a script that ran wandb.init) would make
+    # this command's runs attach to that process's service, whose lifetime mlrun does not control: start our own.
+    os.environ.pop("WANDB_SERVICE", None)
     if argv in (["--help"], ["-h"]):
         print_help()
         return

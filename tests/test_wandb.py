@@ -317,3 +317,12 @@ def test_a_log_model_typo_warns_and_uploads_nothing(tmp_path, caplog):
     assert "logger.log_model=bets" in caplog.text
     off = OmegaConf.merge(OmegaConf.structured(LoggerConf), OmegaConf.from_dotlist(["log_model=false"]))
     assert Loggers(tmp_path, off, {}).log_model == "false"
+
+
+def test_a_w_and_b_service_inherited_from_a_parent_process_is_not_used(offline):
+    """A parent that ran wandb.init (a notebook, a test) leaves WANDB_SERVICE set; mlrun starts its own service."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SERVICE": "3-1-tcp-localhost-1"}  # nothing listens there
+    mlrun("experiment=digits_classifier", "trainer.max_steps=2", *FAST, "logger.init_timeout=20",
+          "hydra.run.dir=r", cwd=offline, env=env)
+    (run_,) = offline_runs(offline / "r")
+    assert run_["exit"] == 0 and run_["job_type"] == "run"
