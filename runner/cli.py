@@ -50,6 +50,10 @@ def setup() -> None:
         OmegaConf.register_new_resolver("mlrun_mul", lambda a, b: int(a) * int(b))
     if not OmegaConf.has_resolver("mlrun_floordiv"):
         OmegaConf.register_new_resolver("mlrun_floordiv", lambda a, b: int(a) // int(b))
+    # A value chosen by another key, e.g. a stage's monitor by the study's arm:
+    # `${mlrun_pick:${stages.1.args.arm},{seq2seq:val/ppl}}` (null for a key the mapping lacks).
+    if not OmegaConf.has_resolver("mlrun_pick"):
+        OmegaConf.register_new_resolver("mlrun_pick", lambda key, mapping, default=None: mapping.get(key, default))
 
 
 def experiments() -> list[str]:

@@ -139,6 +139,12 @@ def test_integer_arithmetic_resolvers_between_config_keys():
     assert cfg.dataset.batch_size == 32 and cfg.trainer.eval_every == 33
 
 
+def test_pick_resolver_chooses_a_value_by_another_key():
+    pick = "trainer.monitor='${mlrun_pick:${label},{a:val/acc,b:val/loss}}'"
+    assert compose("digits_classifier", [pick, "label=b"]).trainer.monitor == "val/loss"
+    assert compose("digits_classifier", [pick, "label=c"]).trainer.monitor is None
+
+
 # ------------------------------------------------------------------------------------------ the CLI
 
 
