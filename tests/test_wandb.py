@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,20 @@ def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def read_run(offline_dir: Path) -> dict:
-    """One offline run as W&B would receive it: the run record, history rows, the merged summary, artifacts."""
+def read_run(offline_dir: Path, wait_s: float = 30.0) -> dict:
+    """One offline run as W&B would receive it: the run record, history rows, the merged summary, artifacts.
+
+    W&B's service writes the file on its own schedule (a run of a few KiB lands whole when its stream closes,
+    which can be just after `run.finish()` returns in-process), so wait for the exit record first."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        found = list(offline_dir.glob("*.wandb"))
+        try:
+            if len(found) == 1 and any(r.WhichOneof("record_type") == "exit" for r in offline_records(found[0])):
+                break
+        except Exception:  # noqa: BLE001 - a file still being written; read it again
+            pass
+        time.sleep(0.2)
     out = {"dir": offline_dir, "history": [], "summary": {}, "artifacts": [], "exit": None}
     found = list(offline_dir.glob("*.wandb"))
     if len(found) != 1:  # say what W&B left there, so a failure explains itself
