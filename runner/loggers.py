@@ -536,13 +536,10 @@ class Loggers:
 
 
 def _num(v: Any) -> float | None:
-    if isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f
+    """A finite number for a W&B table cell, else None (the report's rule, so both show the same values)."""
+    from mlrun.report import _number
+
+    return _number(v)
 
 
 def claim_rows(claims: list[dict[str, Any]], scope: str = "study",
