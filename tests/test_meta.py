@@ -331,31 +331,56 @@ def test_maml_meta_gradient_equals_autograd_through_an_unrolled_loop(first_order
         assert cosine(fo.meta_gradient((xs, ys), (xq, yq), 3)[0], grads) < 0.999
 
 
-def test_maml_training_step_yields_the_mean_query_loss_over_the_meta_batch():
+@pytest.mark.parametrize("first_order", [False, True])
+def test_maml_training_step_yields_the_mean_query_loss_over_the_meta_batch(first_order):
+    """The training step runs every task's inner loop at once (task-batched weights); its loss and θ's gradient
+    equal the per-task reference `query_loss` / `meta_gradient` averaged over the meta-batch."""
     torch.manual_seed(0)
-    model = MAML(ConvLearner(channels=4, image_size=8), adam, inner_steps=2, inner_lr=0.4)
-    batch = episode(tasks=3)
+    model = MAML(ConvLearner(channels=4, image_size=8), adam, inner_steps=2, inner_lr=0.4,
+                 first_order=first_order).double()  # float64: the two orders of summation agree to 1e-12
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in episode(tasks=3).items()}
     name, loss = next(iter(model.training_step(batch)))
     assert name == "meta" and loss.requires_grad
     loss.backward()
-    per_task = [model.meta_gradient((batch["support"][i], batch["support_y"][i]),
-                                    (batch["query"][i], batch["query_y"][i]), 2)[0] for i in range(3)]
+    ref = [model.meta_gradient((batch["support"][i], batch["support_y"][i]),
+                               (batch["query"][i], batch["query_y"][i]), 2) for i in range(3)]
+    torch.testing.assert_close(loss.detach(), torch.stack([r[1] for r in ref]).mean())
     for j, p in enumerate(model.learner.parameters()):
-        torch.testing.assert_close(p.grad, sum(t[j] for t in per_task) / 3, rtol=1e-4, atol=1e-6)
-    assert "query_acc" in model._step_logs
+        torch.testing.assert_close(p.grad, sum(r[0][j] for r in ref) / 3, rtol=1e-9, atol=1e-12)
+    acc = torch.stack([(r[2].argmax(1) == batch["query_y"][i]).float().mean() for i, r in enumerate(ref)]).mean()
+    torch.testing.assert_close(model._step_logs["query_acc"], acc)
 
 
-def test_imaml_training_step_sets_the_mean_meta_gradient_and_yields_none():
+@pytest.mark.parametrize(("steps", "cg_damping", "lam_damping", "solver"),
+                         [(3, 0.0, 0.0, "gd"), (16, 1.0, 10.0, "gd"), (2, 0.0, 0.0, "hf")])
+def test_imaml_training_step_sets_the_mean_meta_gradient_and_yields_none(steps, cg_damping, lam_damping, solver):
+    """The training step (iMAML-GD vectorised over the tasks with torch.func, iMAML-HF task by task) against the
+    per-task reference `meta_gradient`: the same mean meta-gradient, loss and accuracy, in float64 (in float32
+    undamped CG on an indefinite system amplifies the different summation orders' rounding to ~1e-5)."""
     torch.manual_seed(0)
-    model = IMAML(ConvLearner(channels=4, image_size=8), adam, inner_steps=3, inner_lr=0.1, lam=2.0, cg_steps=5)
-    batch = episode(tasks=2)
-    steps = list(model.training_step(batch))
-    assert steps == [("meta", None)]
-    per_task = [model.meta_gradient((batch["support"][i], batch["support_y"][i]),
-                                    (batch["query"][i], batch["query_y"][i]), 3)[0] for i in range(2)]
+    model = IMAML(ConvLearner(channels=4, image_size=8), adam, inner_steps=steps, inner_lr=0.1, lam=2.0, cg_steps=5,
+                  cg_damping=cg_damping, lam_damping=lam_damping, inner_solver=solver).double()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in episode(tasks=3).items()}
+    out = list(model.training_step(batch))
+    assert out == [("meta", None)]
+    ref = [model.meta_gradient((batch["support"][i], batch["support_y"][i]),
+                               (batch["query"][i], batch["query_y"][i]), steps) for i in range(3)]
     for j, p in enumerate(model.learner.parameters()):
-        torch.testing.assert_close(p.grad, (per_task[0][j] + per_task[1][j]) / 2)
+        torch.testing.assert_close(p.grad, sum(r[0][j] for r in ref) / 3, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(model._step_logs["meta_loss"], torch.stack([r[1] for r in ref]).mean())
+    acc = torch.stack([(r[2].argmax(1) == batch["query_y"][i]).float().mean() for i, r in enumerate(ref)]).mean()
+    torch.testing.assert_close(model._step_logs["query_acc"], acc)
     assert set(model._step_logs) == {"meta_loss", "query_acc"}
+
+
+def test_imaml_single_episode_batch_is_one_task():
+    torch.manual_seed(0)
+    model = IMAML(ConvLearner(channels=4, image_size=8), adam, inner_steps=2, inner_lr=0.1, lam=2.0, cg_steps=3)
+    batch = episode()
+    list(model.training_step(batch))
+    ref = model.meta_gradient((batch["support"], batch["support_y"]), (batch["query"], batch["query_y"]), 2)[0]
+    for p, r in zip(model.learner.parameters(), ref):
+        torch.testing.assert_close(p.grad, r, rtol=1e-3, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- memory
