@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,8 +227,11 @@ def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False, *, root
     claim = None
     if not worker:
         here = start.resume_dir is not None and start.resume_dir.resolve() == run_dir.resolve()
-        claim = RunDir(run_dir).claim(continuing_here=here or (start.reuse is not None and not
-                                                               start.reuse.get("reused_from")))
+        dead = _died_without_checkpoint(cfg, run_dir, start)
+        claim = RunDir(run_dir).claim(continuing_here=here or dead or (start.reuse is not None and not
+                                                                       start.reuse.get("reused_from")))
+        if dead:
+            _set_aside(run_dir)
     try:
         if not worker:
             from mlrun.loggers import redact
@@ -247,6 +251,30 @@ def run_experiment(cfg: DictConfig, run_dir: Path, worker: bool = False, *, root
     finally:
         if claim is not None:
             claim.release()
+
+
+def _died_without_checkpoint(cfg: DictConfig, run_dir: Path, start: Start) -> bool:
+    """Whether `resume=auto` found, in this very run dir, a run of the same config that died (SIGKILL, OOM, a lost
+    node) before its first checkpoint: there is nothing to continue, so the relaunch starts it again in place
+    instead of refusing the dir for good. (A live run keeps its dir: the claim's lock refuses it.)"""
+    if cfg.resume != "auto" or start.resume_dir is not None or start.reuse is not None:
+        return False
+    try:
+        res = read_json(run_dir / RESULTS)
+    except (OSError, ValueError):
+        return False
+    return (isinstance(res, dict) and res.get("config_digest") == _digest(cfg) and res.get("status") not in FINAL
+            and not (run_dir / "checkpoints" / "last.pt").exists())
+
+
+def _set_aside(run_dir: Path) -> None:
+    """Keep a dead run's records beside the new ones (renamed, so no tool counts them twice)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in (RESULTS, METRICS):
+        if (run_dir / name).exists():
+            (run_dir / name).rename(run_dir / f"died-{stamp}.{name}")
+    log.info("resume=auto: the run in %s died before its first checkpoint; starting it again there (its records "
+             "kept as died-%s.*)", run_dir, stamp)
 
 
 def _reuse(cfg: DictConfig, run_dir: Path, res: dict[str, Any]) -> dict[str, Any]:

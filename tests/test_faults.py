@@ -335,6 +335,26 @@ def test_resume_in_place_after_sigkill_cleans_the_temp_files_and_the_log(tmp_pat
     assert not list((tmp_path / "killed").rglob("*.tmp"))
 
 
+def test_resume_auto_restarts_in_place_a_run_killed_before_its_first_checkpoint(tmp_path, monkeypatch):
+    """A sweep job SIGKILLed before any checkpoint (OOM, a lost node) leaves a `running` run with nothing to
+    continue; the relaunch with resume=auto starts it again in its own dir (before: "already holds a run" for
+    good), keeps the dead run's records renamed, and ends as an uninterrupted run. Another config is still refused."""
+    monkeypatch.chdir(tmp_path)
+    over = [*FAST, "trainer.max_steps=30", "trainer.log_every=2", "seed=6"]
+    run("digits_classifier", over, run_dir=tmp_path / "full")
+    assert _python(KILL_AT.format(at=20, over=over), tmp_path).returncode == -9
+    dead = json.loads((tmp_path / "killed/results.json").read_text())
+    assert dead["status"] == "running" and not (tmp_path / "killed/checkpoints/last.pt").exists()
+    with pytest.raises(records.RunDirError, match="already holds a run"):  # not this config: refused
+        run("digits_classifier", [*over, "trainer.max_steps=31", "resume=auto"], run_dir=tmp_path / "killed")
+    res = run("digits_classifier", [*over, "resume=auto"], run_dir=tmp_path / "killed")
+    assert res["status"] == "completed"
+    assert _rows(tmp_path / "killed/metrics.jsonl") == _rows(tmp_path / "full/metrics.jsonl")
+    kept = {p.name.split(".", 1)[1] for p in (tmp_path / "killed").glob("died-*")}
+    assert "results.json" in kept and kept <= {"results.json", "metrics.jsonl"}  # metrics wait for a checkpoint
+    assert run("digits_classifier", [*over, "resume=auto"], run_dir=tmp_path / "killed")["status"] == "completed"
+
+
 # ------------------------------------------------------------------------------------------ secrets
 
 SECRET = {"my_token": "tok-4f9a1c2e7b", "db_password": "pw-8d3e5a1f0c", "AWS_SECRET_ACCESS_KEY": "aws-77c1e0b9d2f4"}
