@@ -432,21 +432,18 @@ def _by_label(study: dict) -> dict[str, list[dict]]:
 
 def bn_summarize(study: dict, metric: str = "val/acc", target: float = 0.9, percentile: str | None = "val/p50",
                  after: int = 200) -> dict[str, float]:
-    """Per label (median over seeds, and each seed): steps to reach `target` on the held-out curve (inf if
-    never), and the drift of the probe unit's `percentile` after `after` steps."""
+    """Per label, the median over its runs: steps to reach `target` on the held-out curve (inf if never), and the
+    drift of the probe unit's `percentile` after `after` steps. (The study also calls this once per seed, which
+    gives each seed's values: no per-seed keys here.)"""
     out: dict[str, float] = {}
     tag = f"{target * 100:g}"
     for label, runs in _by_label(study).items():
         steps = [steps_to(read_curve(r["dir"], metric), target) for r in runs]
         out[f"{label}/steps_to_{tag}"] = statistics.median(steps)
-        for r, s in zip(runs, steps):
-            out[f"{label}/s{r['seed']}/steps_to_{tag}"] = s
         if percentile:
             drifts = [drift(read_curve(r["dir"], percentile), after) for r in runs]
             name = percentile.rsplit("/", 1)[-1]
             out[f"{label}/{name}_drift"] = statistics.median(drifts)
-            for r, d in zip(runs, drifts):
-                out[f"{label}/s{r['seed']}/{name}_drift"] = d
     return out
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mlrun import claims as claims_mod
 from mlrun.errors import ConfigError, Interrupted, MlrunError, describe
@@ -172,7 +172,12 @@ def _results_under(roots: list[Path]) -> list[Path]:
 
 def _digest(cfg: DictConfig, seed: bool = True) -> str:
     """The config's digest without run-local keys; `seed=False` also drops the seed (the seeds of one
-    condition share it: `mlrun report` groups by it)."""
+    condition share it: `mlrun report` groups by it), including where the config interpolates it (a dataset's
+    `seed: ${seed}`): it is resolved with the seed set to 0, so only the condition's settings count."""
+    if not seed:
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.seed = 0
     c = OmegaConf.to_container(cfg, resolve=True)
     for k in ("resume", "eval_only", "logger", "debug", *(() if seed else ("seed",))):
         c.pop(k, None)

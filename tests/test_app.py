@@ -339,3 +339,18 @@ def test_paper_scale_on_a_cpu_warns_and_announces_its_duration(tmp_path):
     assert len(data.dataset("train")) == 60
     assert "stage 'train': about" in out and "(5 steps at" in out
     assert json.loads((tmp_path / "run" / "results.json").read_text())["device"].startswith("cpu")
+
+
+@pytest.mark.parametrize("experiment", ["meta_digits", "rcnn_digits", "butd_vqa_digits"])
+def test_seeds_of_one_condition_share_the_digest_without_seed(experiment):
+    """Datasets that interpolate `${seed}` must not make each seed its own condition: `mlrun report` groups the
+    seeds of a condition by this digest (before the fix each seed had its own, and the report kept n=1)."""
+    from mlrun.app import _digest
+
+    s0, s1 = compose(experiment, ["seed=0"]), compose(experiment, ["seed=1"])
+    assert s0.dataset.seed == 0 and s1.dataset.seed == 1  # the dataset does follow the seed
+    assert _digest(s0, seed=False) == _digest(s1, seed=False)
+    assert _digest(s0) != _digest(s1)
+    changed = compose(experiment, ["seed=1", "trainer.log_every=7"])
+    assert _digest(changed, seed=False) != _digest(s1, seed=False)
+    assert s1.seed == 1  # the run's own config is left as it was
