@@ -247,10 +247,13 @@ def task_losses(net: nn.Module, phi: Params, x: Tensor, y: Tensor, loss_fn: Loss
 
 
 def task_batch(batch: dict[str, Tensor]) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """A batch's tasks stacked: (support [T, S, C, H, W], labels [T, S]), (query, labels); an episode is T = 1."""
-    x = {k: batch[k].reshape(-1, *batch[k].shape[-4:]) for k in ("support", "query")}
-    y = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in ("support_y", "query_y")}
-    return (x["support"], y["support_y"]), (x["query"], y["query_y"])
+    """A batch's tasks stacked: (support [T, S, ...], labels [T, S]), (query, labels); an episode is T = 1. The
+    labels' leading dimensions (none for an episode) are the tasks'; whatever follows S in the inputs is one example."""
+    out = []
+    for x, y in (("support", "support_y"), ("query", "query_y")):
+        lead = batch[y].dim() - 1
+        out.append((batch[x].reshape(-1, *batch[x].shape[lead:]), batch[y].reshape(-1, batch[y].shape[-1])))
+    return out[0], out[1]
 
 
 def imaml_meta_gradients(net: nn.Module, theta: Params, support: tuple[Tensor, Tensor], query: tuple[Tensor, Tensor],

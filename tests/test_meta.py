@@ -559,3 +559,16 @@ def test_pixel_nearest_neighbour_hand_computed():
     ys = torch.tensor([2, 0, 1])
     xq = torch.tensor([[0.9, 1.2], [4.0, 6.0], [0.1, -0.2]]).view(3, 1, 1, 2)
     assert pixel_nearest_neighbour((xs, ys), xq).tolist() == [0, 1, 2]
+
+
+def test_task_batch_stacks_tasks_whatever_an_example_is():
+    from mlrun.models.meta import task_batch
+
+    def batch(lead, example):
+        return {"support": torch.randn(*lead, 5, *example), "support_y": torch.zeros(*lead, 5, dtype=torch.long),
+                "query": torch.randn(*lead, 3, *example), "query_y": torch.zeros(*lead, 3, dtype=torch.long)}
+
+    for lead, example, tasks in [((), (1, 8, 8), 1), ((4,), (1, 8, 8), 4), ((2, 3), (6,), 6)]:
+        (xs, ys), (xq, yq) = task_batch(batch(lead, example))
+        assert xs.shape == (tasks, 5, *example) and ys.shape == (tasks, 5)
+        assert xq.shape == (tasks, 3, *example) and yq.shape == (tasks, 3)
