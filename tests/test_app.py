@@ -353,4 +353,4 @@ def test_seeds_of_one_condition_share_the_digest_without_seed(experiment):
     assert _digest(s0) != _digest(s1)
     changed = compose(experiment, ["seed=1", "trainer.log_every=7"])
     assert _digest(changed, seed=False) != _digest(s1, seed=False)
-    assert s1.seed == 1  # the run's own config is left as it was
+    assert s1.seed == 1 and s1.dataset.seed == 1  # the run's own config is left as it was, interpolations too
